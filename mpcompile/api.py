@@ -1,0 +1,271 @@
+"""``mpcompile.convert``: model -> ``MixedPrecisionModule`` (capture -> pipeline -> runnable)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .capture import Captured, Signature, capture
+from .errors import CaptureError, MPCompileError, PolicyError, SignatureError
+from .passes import Context, run_pipeline
+from .policy import Policy
+
+
+@dataclass
+class Program:
+    """One compiled graph: a captured signature run through the pipeline."""
+
+    captured: Captured
+    stages: dict[str, fx.GraphModule]
+    policy: Policy
+    device_type: str
+    example: tuple[tuple, dict]  # the inputs it was captured with (reports re-run them)
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self.stages[next(reversed(self.stages))]
+
+    def output_dtypes(self) -> list[torch.dtype | None]:
+        """dtypes of the model's flattened outputs, as captured (the FP32 model's)."""
+        outs = self.captured.gm.graph.output_node().args[0]
+        return [o.meta["val"].dtype if isinstance(o, fx.Node) and isinstance(
+                    o.meta.get("val"), torch.Tensor) else None
+                for o, b in zip(outs, self.captured.outputs) if b.kind == "output"]
+
+    def feed(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        tensors = [x for x in pytree.tree_leaves((tuple(args), dict(kwargs)))
+                   if isinstance(x, torch.Tensor)]
+        out = []
+        mutated = self.captured.mutated_buffers
+        for b in self.captured.inputs:
+            if b.kind == "param":
+                out.append(module.get_parameter(b.target))
+            elif b.kind == "buffer":
+                buf = module.get_buffer(b.target)
+                # a buffer the graph updates is fed as a copy: autograd may have saved the input
+                # (batch norm saves its running stats), and the update is copied in after
+                out.append(buf.clone() if b.target in mutated else buf)
+            elif b.kind == "const":
+                out.append(b.target)
+            else:
+                out.append(tensors[b.target])
+        return out
+
+    def run(self, module: torch.nn.Module, args: tuple, kwargs: dict,
+            gm: fx.GraphModule | None = None) -> Any:
+        """Run the graph on ``module``'s parameters and buffers (buffers updated in place, as
+        the model's own forward would) and rebuild the model's output structure."""
+        outs = (gm or self.graph_module)(*self.feed(module, args, kwargs))
+        user = []
+        for b, v in zip(self.captured.outputs, outs):
+            if b.kind == "buffer":
+                with torch.no_grad():
+                    module.get_buffer(b.target).copy_(v)
+            else:
+                user.append(v)
+        return self.captured.out_spec.unflatten(user)
+
+
+def _device_type(model: torch.nn.Module, args: tuple, kwargs: dict) -> str:
+    for t in (*model.parameters(), *model.buffers(),
+              *[x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]):
+        if t.is_floating_point():
+            return t.device.type
+    return "cpu"
+
+
+def compile_program(model: torch.nn.Module, args: tuple, kwargs: dict,
+                    policy: Policy) -> Program:
+    """Capture ``model`` on these inputs and run the pipeline."""
+    captured = capture(model, args, kwargs)
+    device_type = _device_type(model, args, kwargs)
+    ctx = Context(policy, device_type, model, captured.inputs)
+    stages = run_pipeline(captured, ctx)
+    return Program(captured, stages, policy, device_type, (tuple(args), dict(kwargs)))
+
+
+def _as_args(example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+class MixedPrecisionModule(torch.nn.Module):
+    """A model compiled to mixed precision. See :func:`convert`.
+
+    It shares the original model's parameters, buffers and submodules (same names, same
+    tensors): ``parameters()`` and ``state_dict()`` are the FP32 master weights, so any
+    ``torch.optim`` optimizer and ``torch.amp.GradScaler`` train it unchanged, and a state dict
+    saved from it loads into the original model. Calling it runs the rewritten graph; the casts
+    in the graph carry gradients back to the FP32 masters. The model's own ``forward`` and its
+    forward hooks are not called.
+    """
+
+    def __init__(self, model: torch.nn.Module, policy: Policy, recapture: bool = True,
+                 cache_size: int = 8):
+        super().__init__()
+        # share, don't copy: the same tensors under the same names
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        self._modules = model._modules
+        self._non_persistent_buffers_set = model._non_persistent_buffers_set
+        object.__setattr__(self, "_original", model)
+        object.__setattr__(self, "_policy", policy)
+        object.__setattr__(self, "_recapture", recapture)
+        object.__setattr__(self, "_cache_size", cache_size)
+        object.__setattr__(self, "_programs", OrderedDict())
+        object.__setattr__(self, "_last", None)
+        self.training = model.training
+
+    # -- nn.Module behaviour ----------------------------------------------------------------
+
+    def _get_name(self) -> str:
+        return f"MixedPrecision[{type(self._original).__name__}, " \
+               f"{str(self._policy.dtype).removeprefix('torch.')}]"
+
+    def train(self, mode: bool = True) -> MixedPrecisionModule:
+        super().train(mode)
+        self._original.training = mode
+        return self
+
+    def forward(self, *args, **kwargs):
+        program = self._program_for(args, kwargs)
+        object.__setattr__(self, "_last", program)
+        return program.run(self, args, kwargs)
+
+    # -- compilation cache ------------------------------------------------------------------
+
+    def _key(self, args: tuple, kwargs: dict) -> tuple[Signature, tuple]:
+        sig = Signature.of(args, kwargs, self.training)
+        state = tuple(sorted({(t.dtype, str(t.device)) for t in
+                              (*self._original.parameters(), *self._original.buffers())},
+                             key=str))
+        return sig, state
+
+    def _program_for(self, args: tuple, kwargs: dict) -> Program:
+        sig, state = self._key(args, kwargs)
+        key = (sig, state)
+        programs: OrderedDict = self._programs
+        if key in programs:
+            programs.move_to_end(key)
+            return programs[key]
+        if programs and not self._recapture:
+            known = next(reversed(programs))[0]
+            raise SignatureError(
+                f"{type(self._original).__name__} was captured for other inputs: "
+                f"{known.mismatch(sig)}. Call it with inputs like the example, or convert with "
+                "recapture=True to compile one graph per input signature."
+            )
+        try:
+            program = compile_program(self._original, args, kwargs, self._policy)
+        except CaptureError as e:
+            if programs:
+                known = next(reversed(programs))[0]
+                raise SignatureError(
+                    f"{type(self._original).__name__} got new inputs ({known.mismatch(sig)}) "
+                    f"and recapturing for them failed:\n{e}"
+                ) from e
+            raise
+        programs[key] = program
+        while len(programs) > self._cache_size:
+            programs.popitem(last=False)
+        return program
+
+    # -- inspection --------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @property
+    def original(self) -> torch.nn.Module:
+        return self._original
+
+    @property
+    def program(self) -> Program:
+        """The most recently used compiled program."""
+        if self._last is None:
+            if not self._programs:
+                raise MPCompileError(
+                    "nothing is compiled yet: call the module once, or convert with "
+                    "example_inputs"
+                )
+            return next(reversed(self._programs.values()))
+        return self._last
+
+    @property
+    def programs(self) -> list[Program]:
+        return list(self._programs.values())
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The rewritten fx graph (of the most recent input signature)."""
+        return self.program.graph_module
+
+    @property
+    def stages(self) -> dict[str, fx.GraphModule]:
+        """The graph after each stage: capture, classify, assign, casts, cleanup."""
+        return dict(self.program.stages)
+
+    def report(self, measure: bool = True):
+        """Precision and cast statistics; see :class:`mpcompile.inspect.Report`."""
+        from .inspect import build_report
+
+        return build_report(self.program, self._original, measure_calls=measure)
+
+    def explain(self, node: str | fx.Node) -> str:
+        """Why ``node`` (a node name in :attr:`graph_module`) runs in the precision it does."""
+        from .inspect import explain
+
+        return explain(self.program, node)
+
+    def to_dot(self, path: str | None = None, stage: str | None = None) -> str:
+        """The graph as Graphviz DOT coloured by precision; with ``path``, also write it there
+        (and an SVG beside it when Graphviz ``dot`` is installed)."""
+        from .inspect import to_dot
+
+        return to_dot(self.program, path=path, stage=stage)
+
+
+def convert(model: torch.nn.Module, example_inputs: Any = None, *,
+            dtype: torch.dtype | None = None, policy: Policy | None = None,
+            example_kwargs: dict | None = None, recapture: bool = True,
+            cache_size: int = 8) -> MixedPrecisionModule:
+    """Compile ``model`` to mixed precision.
+
+    Args:
+        model: any ``nn.Module`` torch.export can trace (no data-dependent Python branches).
+        example_inputs: a tensor or tuple of positional inputs; with them the model is captured
+            now (errors surface here), without them on the first call.
+        dtype: the low precision (default ``torch.float16``; ``torch.bfloat16``). Shorthand for
+            ``policy=Policy(dtype=...)``.
+        policy: a :class:`Policy` (op overrides, FP32 module pins, strategy).
+        example_kwargs: keyword inputs to capture with.
+        recapture: capture again when called with a new input signature (shape, dtype, device,
+            train/eval); if False such a call raises :class:`SignatureError`.
+        cache_size: how many compiled signatures to keep (least recently used dropped).
+    """
+    if isinstance(model, MixedPrecisionModule):
+        raise MPCompileError("this model is already converted; convert the original model")
+    if not isinstance(model, torch.nn.Module):
+        raise MPCompileError(f"convert() takes an nn.Module, got {type(model).__name__}")
+    if policy is None:
+        policy = Policy(dtype=dtype if dtype is not None else torch.float16)
+    elif dtype is not None and dtype != policy.dtype:
+        raise PolicyError(
+            f"convert(dtype={dtype}) conflicts with policy.dtype={policy.dtype}: give one"
+        )
+    policy.check_pins(model)
+    mp = MixedPrecisionModule(model, policy, recapture=recapture, cache_size=cache_size)
+    if example_inputs is not None or example_kwargs:
+        mp._program_for(_as_args(example_inputs), dict(example_kwargs or {}))
+    return mp

@@ -1,0 +1,342 @@
+"""Model + example inputs -> a functional ATen graph with parameters and buffers lifted.
+
+We use ``torch.export`` (non-strict) followed by ``run_decompositions`` to the core ATen set:
+
+- it lifts parameters, buffers and tensor constants to placeholders and says which is which
+  (``graph_signature``), and turns in-place buffer updates (batch-norm running stats,
+  ``num_batches_tracked``) into extra graph outputs marked ``BUFFER_MUTATION``: nothing dropped;
+- every node keeps ``nn_module_stack`` (which module made it; ``keep_fp32_modules`` needs it) and
+  ``stack_trace`` (the user's source line, for ``explain``), and ``val`` (shape/dtype);
+- data-dependent Python control flow fails loudly instead of being traced down one branch.
+
+``make_fx`` would also work but records no module hierarchy. We keep
+``scaled_dot_product_attention`` whole (a LOWER op with a fused kernel) instead of its
+decomposition, drop ``_assert_tensor_metadata`` (it pins dtypes this compiler changes on
+purpose), and wrap the model so that any output structure, dataclasses included, is flattened
+here rather than by registering pytree types globally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.export.graph_signature import InputKind, OutputKind
+
+from .errors import CaptureError
+from .meta import MP, NodeRecord
+
+aten = torch.ops.aten
+
+_KEEP_WHOLE = (aten.scaled_dot_product_attention.default,)
+_DROP = (aten._assert_tensor_metadata.default,)
+_PREFIX = "model."
+
+
+# --- input signatures -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: str
+
+    def __str__(self) -> str:
+        return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)} on {self.device}"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a captured graph is specialised to: input structure, each input's shape/dtype/device
+    (or value, for non-tensors), and train/eval mode."""
+
+    structure: str
+    leaves: tuple[Any, ...]  # TensorSpec or ("value", repr)
+    names: tuple[str, ...]  # where each leaf sits: "args[0]", "kwargs['mask']"
+    training: bool
+
+    @staticmethod
+    def of(args: tuple, kwargs: dict, training: bool) -> Signature:
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        paths = [pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path(
+            (tuple(args), dict(kwargs)))[0]]
+        names = tuple(_pretty_path(p) for p in paths)
+        out = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                out.append(TensorSpec(tuple(leaf.shape), leaf.dtype, str(leaf.device)))
+            else:
+                out.append(("value", repr(leaf)))
+        return Signature(str(spec), tuple(out), names, training)
+
+    def mismatch(self, other: Signature) -> str:
+        """A sentence naming the first difference between ``other`` and ``self``."""
+        if self.training != other.training:
+            return f"mode is {'train' if other.training else 'eval'}, captured in " + (
+                "train" if self.training else "eval")
+        if self.structure != other.structure or len(self.leaves) != len(other.leaves):
+            return (f"the inputs' structure is {', '.join(other.names) or '()'}, captured with "
+                    f"{', '.join(self.names) or '()'}")
+        for name, a, b in zip(self.names, self.leaves, other.leaves):
+            if a != b:
+                fmt = lambda x: str(x) if isinstance(x, TensorSpec) else x[1]  # noqa: E731
+                return f"{name} is {fmt(b)}, captured as {fmt(a)}"
+        return "no difference"
+
+
+def _pretty_path(p: str) -> str:
+    # pytree key strings look like "[0][1]" / "[1]['mask']" for (args, kwargs)
+    m = re.match(r"\[(\d)\](.*)", p)
+    if not m:
+        return p
+    return ("args" if m.group(1) == "0" else "kwargs") + m.group(2)
+
+
+# --- output structure ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutSpec:
+    """How to rebuild the model's output from a flat list of tensors."""
+
+    kind: str  # "tensor" | "value" | "seq" | "namedtuple" | "dict" | "dataclass"
+    type: Any = None
+    keys: tuple = ()
+    children: tuple[OutSpec, ...] = ()
+    value: Any = None
+
+    def unflatten(self, leaves: list[torch.Tensor]) -> Any:
+        it = iter(leaves)
+        return self._build(it)
+
+    def _build(self, it):
+        if self.kind == "tensor":
+            return next(it)
+        if self.kind == "value":
+            return self.value
+        items = [c._build(it) for c in self.children]
+        if self.kind == "seq":
+            return self.type(items)
+        if self.kind == "namedtuple":
+            return self.type(*items)
+        if self.kind == "dict":
+            return self.type(zip(self.keys, items))
+        init = {k: v for (k, is_init), v in zip(self.keys, items) if is_init}
+        obj = self.type(**init)
+        for (k, is_init), v in zip(self.keys, items):
+            if not is_init:
+                object.__setattr__(obj, k, v)
+        return obj
+
+
+def flatten_output(out: Any, where: str = "output") -> tuple[list[torch.Tensor], OutSpec]:
+    leaves: list[torch.Tensor] = []
+
+    def go(x, path) -> OutSpec:
+        if isinstance(x, torch.Tensor):
+            leaves.append(x)
+            return OutSpec("tensor")
+        if x is None or isinstance(x, (bool, int, float, str, torch.dtype, torch.device)):
+            return OutSpec("value", value=x)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            fields = dataclasses.fields(x)
+            kids = tuple(go(getattr(x, f.name), f"{path}.{f.name}") for f in fields)
+            return OutSpec("dataclass", type(x), tuple((f.name, f.init) for f in fields), kids)
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            kids = tuple(go(v, f"{path}.{k}") for k, v in zip(x._fields, x))
+            return OutSpec("namedtuple", type(x), tuple(x._fields), kids)
+        if isinstance(x, (tuple, list)):
+            kids = tuple(go(v, f"{path}[{i}]") for i, v in enumerate(x))
+            return OutSpec("seq", type(x), (), kids)
+        if isinstance(x, dict):
+            kids = tuple(go(v, f"{path}[{k!r}]") for k, v in x.items())
+            return OutSpec("dict", type(x), tuple(x.keys()), kids)
+        raise CaptureError(
+            f"{path} is a {type(x).__qualname__}, which mpcompile cannot flatten into tensors: "
+            "return tensors, tuples, lists, dicts or dataclasses (or turn off what produces it, "
+            "e.g. use_cache=False for a Hugging Face model)"
+        )
+
+    spec = go(out, where)
+    return leaves, spec
+
+
+# --- capture --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What one placeholder of the graph is fed with."""
+
+    kind: str  # "param" | "buffer" | "const" | "input"
+    target: Any  # FQN, constant tensor, or user-input position
+
+
+@dataclass(frozen=True)
+class Captured:
+    gm: fx.GraphModule
+    inputs: tuple[Binding, ...]  # one per placeholder, in order
+    outputs: tuple[Binding, ...]  # one per graph output: ("buffer", fqn) or ("output", i)
+    out_spec: OutSpec
+    signature: Signature
+    model_name: str
+
+    @property
+    def mutated_buffers(self) -> tuple[str, ...]:
+        return tuple(b.target for b in self.outputs if b.kind == "buffer")
+
+
+class _Flat(torch.nn.Module):
+    """Calls the model on rebuilt (args, kwargs) and returns its output as a flat tuple."""
+
+    def __init__(self, model: torch.nn.Module, leaves: list, spec, where: list, sink):
+        super().__init__()
+        self.model = model
+        self._leaves = leaves
+        self._spec = spec
+        self._where = where
+        # export restores module attributes after tracing, so the output structure leaves
+        # through a callable that closes over the caller's list
+        self._sink = sink
+
+    def forward(self, *tensors):
+        leaves = list(self._leaves)
+        for i, t in zip(self._where, tensors):
+            leaves[i] = t
+        args, kwargs = pytree.tree_unflatten(leaves, self._spec)
+        flat, spec = flatten_output(self.model(*args, **kwargs))
+        self._sink(spec)
+        return tuple(flat)
+
+
+def _strip(fqn: str) -> str:
+    return fqn[len(_PREFIX):] if fqn.startswith(_PREFIX) else fqn
+
+
+def _hint(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    if "data-dependent" in text or "GuardOnDataDependent" in text or "Could not guard" in text:
+        return (
+            "The model branches in Python on a tensor's value (data-dependent control flow), "
+            "which one graph cannot hold. Rewrite the branch with torch.where or torch.cond, or "
+            "move it out of the model."
+        )
+    return "Fix the model so torch.export can trace it, or convert a submodule that it can."
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
+    """Trace ``model(*args, **kwargs)`` into a core-ATen fx graph (see module docstring)."""
+    kwargs = dict(kwargs or {})
+    name = type(model).__name__
+    leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
+    where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    tensors = tuple(leaves[i] for i in where)
+    box: list[OutSpec] = []
+    flat = _Flat(model, leaves, spec, where, box.append)
+    flat.train(model.training)
+    try:
+        ep = torch.export.export(flat, tensors, strict=False)
+        table = torch.export.default_decompositions()
+        for op in _KEEP_WHOLE:
+            table.pop(op, None)
+        ep = ep.run_decompositions(table)
+    except CaptureError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every trace failure becomes a CaptureError
+        first = "\n".join(str(e).strip().splitlines()[:6])
+        raise CaptureError(
+            f"could not capture {name}: {type(e).__name__}: {first}\n{_hint(e)}"
+        ) from e
+    finally:
+        model.train(flat.training)  # export may toggle modes; leave the model as it was
+    out_spec = box[-1]
+    gm = ep.graph_module
+    sig = ep.graph_signature
+
+    inputs: list[Binding] = []
+    for s in sig.input_specs:
+        if s.kind is InputKind.PARAMETER:
+            inputs.append(Binding("param", _strip(s.target)))
+        elif s.kind is InputKind.BUFFER:
+            inputs.append(Binding("buffer", _strip(s.target)))
+        elif s.kind is InputKind.CONSTANT_TENSOR:
+            inputs.append(Binding("const", ep.constants[s.target]))
+        elif s.kind is InputKind.USER_INPUT:
+            inputs.append(Binding("input", len([b for b in inputs if b.kind == "input"])))
+        else:
+            raise CaptureError(f"{name}: unsupported graph input kind {s.kind} ({s.target})")
+    outputs: list[Binding] = []
+    n_user = 0
+    for s in sig.output_specs:
+        if s.kind is OutputKind.BUFFER_MUTATION:
+            outputs.append(Binding("buffer", _strip(s.target)))
+        elif s.kind is OutputKind.USER_OUTPUT:
+            outputs.append(Binding("output", n_user))
+            n_user += 1
+        elif s.kind is OutputKind.USER_INPUT_MUTATION:
+            raise CaptureError(
+                f"{name} modifies its input {s.target} in place; mpcompile cannot replay that. "
+                "Return the new value instead of mutating the argument."
+            )
+        else:
+            raise CaptureError(
+                f"{name}: unsupported graph output kind {s.kind} ({s.target}); mutating "
+                "parameters inside forward is not supported"
+            )
+
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _DROP:
+            gm.graph.erase_node(node)
+    for node in gm.graph.nodes:
+        node.meta[MP] = NodeRecord("capture", *_module_of(node), source=_source_of(node))
+        if node.op == "placeholder" and "_model_" in node.name:  # p_model_fc_weight -> p_fc_weight
+            node._rename(node.name.replace("_model_", "_", 1))
+            node.target = node.name
+    gm.graph.lint()
+    gm.recompile()
+    return Captured(gm, tuple(inputs), tuple(outputs), out_spec,
+                    Signature.of(args, kwargs, model.training), name)
+
+
+def _module_of(node: fx.Node) -> tuple[str, str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, typ = list(stack.values())[-1]
+    path = _strip(path) if path != "model" else ""
+    typ = typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"
+    return path, typ
+
+
+def module_paths(node: fx.Node) -> list[str]:
+    """Every enclosing module's dotted path, outermost first ("" = the model)."""
+    out = []
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        if path in ("", "model"):
+            continue
+        out.append(_strip(path))
+    return out
+
+
+_FRAME = re.compile(r'File "(.+?)", line (\d+), in (\S+)')
+
+
+def _source_of(node: fx.Node) -> str:
+    """The innermost frame of the node's stack trace outside torch itself: the model's line."""
+    lines = [ln.strip() for ln in (node.meta.get("stack_trace") or "").splitlines() if ln.strip()]
+    frames = []
+    for i, ln in enumerate(lines):
+        m = _FRAME.match(ln)
+        if m:
+            code = lines[i + 1] if i + 1 < len(lines) and not _FRAME.match(lines[i + 1]) else ""
+            frames.append((m.group(1), m.group(2), code))
+    for path, line, code in reversed(frames):
+        if "/torch/" not in path.replace("\\", "/"):
+            return f"{path.replace(chr(92), '/').rsplit('/', 1)[-1]}:{line}  {code}"
+    return ""

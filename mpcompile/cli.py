@@ -1,0 +1,111 @@
+"""The ``mpcompile`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from .api import convert
+from .examples import EXAMPLES, batch
+from .meta import is_cast
+from .policy import OpClass, table_rows
+
+_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16}
+
+
+def train(mp, example, steps: int, lr: float, dtype: torch.dtype) -> list[float]:
+    """SGD + momentum with torch.amp.GradScaler (FP16) on the converted module: the FP32
+    parameters are the master weights. Returns the loss of every step."""
+    x, y = batch(example, seed=0)
+    opt = torch.optim.SGD(mp.parameters(), lr=lr, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=dtype is torch.float16)
+    losses = []
+    mp.train()
+    for _ in range(steps):
+        loss = example.loss(mp(*x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    return losses
+
+
+def demo(args: argparse.Namespace) -> int:
+    dtype = _DTYPES[args.dtype]
+    example = EXAMPLES[args.model]
+    model = example.build()
+    x, _ = batch(example)
+    print(f"== mpcompile demo: {type(model).__name__} ({args.model}) in {args.dtype}\n")
+    t0 = time.perf_counter()
+    mp = convert(model, x, dtype=dtype)
+    print(f"converted in {time.perf_counter() - t0:.2f} s\n")
+    model.eval()
+    mp.eval()
+    with torch.no_grad():
+        ref = model(*x)
+        out = mp(*x)
+    ref_t = ref["logits"] if isinstance(ref, dict) else ref
+    out_t = out["logits"] if isinstance(out, dict) else out
+    rel = ((out_t - ref_t).norm() / ref_t.norm()).item()
+    print(f"output vs the FP32 model: relative error {rel:.2e} (unit roundoff of "
+          f"{args.dtype}: {torch.finfo(dtype).eps / 2:.1e}); output dtype {out_t.dtype}\n")
+    mp.train()
+    print(mp.report())
+    print("\n== why each op runs in its precision (mp.explain):\n")
+    shown = set()
+    for n in mp.graph_module.graph.nodes:
+        rec = n.meta.get("mp")
+        if rec is None or n.op != "call_function":
+            continue
+        kind = "cast" if is_cast(n) and rec.created_by == "casts" else rec.op_class
+        if kind in shown or kind in (None, OpClass.PASSTHROUGH):
+            continue
+        shown.add(kind)
+        print(mp.explain(n.name), "\n")
+    if args.dot:
+        mp.to_dot(args.dot)
+        print(f"graph coloured by precision written to {args.dot}\n")
+    if args.steps:
+        print(f"== training {args.steps} steps: torch.optim.SGD on the FP32 masters"
+              + (" + torch.amp.GradScaler" if dtype is torch.float16 else ""))
+        losses = train(mp, example, args.steps, args.lr, dtype)
+        marks = sorted({0, len(losses) // 4, len(losses) // 2, 3 * len(losses) // 4,
+                        len(losses) - 1})
+        for i in marks:
+            print(f"  step {i + 1:>4}: loss {losses[i]:.4f}")
+        print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        if not losses[-1] < losses[0]:
+            print("loss did not decrease", file=sys.stderr)
+            return 1
+    return 0
+
+
+def policy_table(_: argparse.Namespace) -> int:
+    for op, cls, reason in table_rows():
+        print(f"{op:<58} {cls:<12} {reason}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mpcompile", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="convert a built-in model, explain it, and train it")
+    d.add_argument("--model", choices=sorted(EXAMPLES), default="transformer")
+    d.add_argument("--dtype", choices=sorted(_DTYPES), default="float16")
+    d.add_argument("--steps", type=int, default=30, help="training steps (0: none)")
+    d.add_argument("--lr", type=float, default=0.05)
+    d.add_argument("--dot", help="write the rewritten graph as Graphviz DOT (and SVG) here")
+    d.set_defaults(func=demo)
+    t = sub.add_parser("policy", help="print the op policy table")
+    t.set_defaults(func=policy_table)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
