@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,11 +242,17 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     flat = _Flat(model, leaves, spec, where, box.append)
     flat.train(model.training)
     try:
-        ep = torch.export.export(flat, tensors, strict=False)
-        table = torch.export.default_decompositions()
-        for op in _KEEP_WHOLE:
-            table.pop(op, None)
-        ep = ep.run_decompositions(table)
+        with warnings.catch_warnings():
+            # torch-internal noise that says nothing about the user's model
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
+                                    category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r".*_flat_weights.*assigned during export",
+                                    category=UserWarning)
+            ep = torch.export.export(flat, tensors, strict=False)
+            table = torch.export.default_decompositions()
+            for op in _KEEP_WHOLE:
+                table.pop(op, None)
+            ep = ep.run_decompositions(table)
     except CaptureError:
         raise
     except Exception as e:  # noqa: BLE001 - every trace failure becomes a CaptureError

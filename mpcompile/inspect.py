@@ -23,6 +23,7 @@ from .meta import (
     is_cast,
     is_getitem,
     record,
+    tensors_of,
     val_dtype,
 )
 from .passes import Context, run_pipeline
@@ -224,7 +225,8 @@ def explain(program, node: str | fx.Node) -> str:
     n = find_node(program, node)
     rec = record(n)
     ins = ", ".join(f"{a.name}: {dtype_name(val_dtype(a))}" for _, _, a in arg_slots(n))
-    out = dtype_name(val_dtype(n)) if val_dtype(n) else "-"
+    outs = [dtype_name(t.dtype) if t is not None else "-" for t in tensors_of(n.meta.get("val"))]
+    out = outs[0] if isinstance(n.meta.get("val"), torch.Tensor) else f"({', '.join(outs)})"
     lines = [f"{n.name} = {n.target}({ins}) -> {out}"]
     if rec.module or rec.module_type:
         lines.append(f"  module:     {rec.module or '<model>'} ({rec.module_type})")

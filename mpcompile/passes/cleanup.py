@@ -52,7 +52,10 @@ def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
             update(n, decision=record(n).decision + note)
     for n in list(g.nodes):
         src = n.args[0] if _plain(n) else None
-        if src is not None and val_dtype(src) == n.kwargs["dtype"] and src.op != "placeholder":
+        # (an identity cast of an input that is returned as is stays: outputs don't alias inputs)
+        aliasing = src is not None and src.op == "placeholder" and any(
+            u.op == "output" for u in n.users)
+        if src is not None and val_dtype(src) == n.kwargs["dtype"] and not aliasing:
             n.replace_all_uses_with(n.args[0])
             g.erase_node(n)
     seen: dict = {}
