@@ -82,7 +82,7 @@ def _device_type(model: torch.nn.Module, args: tuple, kwargs: dict) -> str:
 def compile_program(model: torch.nn.Module, args: tuple, kwargs: dict,
                     policy: Policy) -> Program:
     """Capture ``model`` on these inputs and run the pipeline."""
-    captured = capture(model, args, kwargs)
+    captured = capture(model, args, kwargs, keep_whole=policy.keep_whole())
     device_type = _device_type(model, args, kwargs)
     ctx = Context(policy, device_type, model, captured.inputs)
     stages = run_pipeline(captured, ctx)

@@ -18,15 +18,23 @@ here rather than by registering pytree types globally.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import logging
+import os
 import re
+import sys
+import traceback
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch._ops import OpOverload
 from torch.export.graph_signature import InputKind, OutputKind
 
 from .errors import CaptureError
@@ -220,6 +228,17 @@ def _strip(fqn: str) -> str:
     return fqn[len(_PREFIX):] if fqn.startswith(_PREFIX) else fqn
 
 
+def _user_frame(e: BaseException) -> str:
+    """' at file:line in fn: `code`' for the innermost frame outside torch and mpcompile."""
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(__file__)
+    frames = traceback.extract_tb(e.__traceback__)
+    for f in reversed(frames):
+        if not f.filename.startswith((torch_dir, here)) and "<" not in f.filename:
+            return f" at {os.path.basename(f.filename)}:{f.lineno} in {f.name}: `{f.line}`"
+    return ""
+
+
 def _hint(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}"
     if "data-dependent" in text or "GuardOnDataDependent" in text or "Could not guard" in text:
@@ -231,8 +250,12 @@ def _hint(e: BaseException) -> str:
     return "Fix the model so torch.export can trace it, or convert a submodule that it can."
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
-    """Trace ``model(*args, **kwargs)`` into a core-ATen fx graph (see module docstring)."""
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+            keep_whole: Iterable[OpOverload] = ()) -> Captured:
+    """Trace ``model(*args, **kwargs)`` into a core-ATen fx graph (see module docstring).
+
+    ``keep_whole``: ops not to decompose (the policy names them: a banned op must be seen to be
+    refused, and a user's override of a composite op like ``aten.linear`` must find it)."""
     kwargs = dict(kwargs or {})
     name = type(model).__name__
     leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
@@ -241,8 +264,14 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     box: list[OutSpec] = []
     flat = _Flat(model, leaves, spec, where, box.append)
     flat.train(model.training)
+    # On failure torch logs and prints a partial graph; we raise a CaptureError naming the
+    # model's line instead. So: quiet that logger, and hold stderr, replaying it on success.
+    quiet = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    err = io.StringIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(err):
             # torch-internal noise that says nothing about the user's model
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
                                     category=FutureWarning)
@@ -250,17 +279,21 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
                                     category=UserWarning)
             ep = torch.export.export(flat, tensors, strict=False)
             table = torch.export.default_decompositions()
-            for op in _KEEP_WHOLE:
+            for op in (*_KEEP_WHOLE, *keep_whole):
                 table.pop(op, None)
             ep = ep.run_decompositions(table)
     except CaptureError:
         raise
     except Exception as e:  # noqa: BLE001 - every trace failure becomes a CaptureError
-        first = "\n".join(str(e).strip().splitlines()[:6])
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        at = _user_frame(e)
         raise CaptureError(
-            f"could not capture {name}: {type(e).__name__}: {first}\n{_hint(e)}"
+            f"could not capture {name}{at}: {_hint(e)}\n({type(e).__name__}: {first})"
         ) from e
+    else:
+        sys.stderr.write(err.getvalue())
     finally:
+        quiet.setLevel(level)
         model.train(flat.training)  # export may toggle modes; leave the model as it was
     out_spec = box[-1]
     gm = ep.graph_module

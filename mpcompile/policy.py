@@ -404,6 +404,12 @@ class Policy:
                 )
         return Rule(entry.op_class, entry.reason, "table", entry.fp32_args)
 
+    def keep_whole(self) -> tuple[OpOverload, ...]:
+        """Ops capture must not decompose: every op a user list names, and every banned op, so
+        the policy sees the op the model called rather than its pieces."""
+        banned = (ov for ov, e in _DEFAULT_INDEX.items() if e.op_class is B)
+        return tuple(dict.fromkeys((*self._user, *banned)))
+
     def module_pin(self, path: str, module: torch.nn.Module | None) -> str | None:
         """The keep_fp32_modules entry that pins the module at ``path``, if any."""
         for pin in self.keep_fp32_modules:
