@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -38,15 +39,14 @@ class Program:
                 for o, b in zip(outs, self.captured.outputs) if b.kind == "output"]
 
     def feed(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        tensors = [x for x in pytree.tree_leaves((tuple(args), dict(kwargs)))
-                   if isinstance(x, torch.Tensor)]
+        tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
         out = []
         mutated = self.captured.mutated_buffers
         for b in self.captured.inputs:
             if b.kind == "param":
-                out.append(module.get_parameter(b.target))
+                out.append(_lookup(module, b.target, "_parameters"))
             elif b.kind == "buffer":
-                buf = module.get_buffer(b.target)
+                buf = _lookup(module, b.target, "_buffers")
                 # a buffer the graph updates is fed as a copy: autograd may have saved the input
                 # (batch norm saves its running stats), and the update is copied in after
                 out.append(buf.clone() if b.target in mutated else buf)
@@ -55,6 +55,21 @@ class Program:
             else:
                 out.append(tensors[b.target])
         return out
+
+    def state_matches(self, module: torch.nn.Module) -> bool:
+        """Do ``module``'s parameters and buffers still have the dtypes and devices the graph
+        was captured with (``.to()``, ``.half()`` change them)?"""
+        for b, (dtype, device) in self._state:
+            t = _lookup(module, b.target, "_parameters" if b.kind == "param" else "_buffers")
+            if t.dtype != dtype or t.device != device:
+                return False
+        return True
+
+    @functools.cached_property
+    def _state(self) -> list:
+        phs = self.captured.gm.graph.find_nodes(op="placeholder")
+        return [(b, (n.meta["val"].dtype, n.meta["val"].device))
+                for b, n in zip(self.captured.inputs, phs) if b.kind in ("param", "buffer")]
 
     def run(self, module: torch.nn.Module, args: tuple, kwargs: dict,
             gm: fx.GraphModule | None = None) -> Any:
@@ -69,6 +84,14 @@ class Program:
             else:
                 user.append(v)
         return self.captured.out_spec.unflatten(user)
+
+
+def _lookup(module: torch.nn.Module, fqn: str, where: str) -> torch.Tensor:
+    """``module.get_parameter``/``get_buffer`` without the checks: this runs on every call."""
+    *path, name = fqn.split(".")
+    for part in path:
+        module = module._modules[part]
+    return getattr(module, where)[name]
 
 
 def _device_type(model: torch.nn.Module, args: tuple, kwargs: dict) -> str:
@@ -144,38 +167,32 @@ class MixedPrecisionModule(torch.nn.Module):
 
     # -- compilation cache ------------------------------------------------------------------
 
-    def _key(self, args: tuple, kwargs: dict) -> tuple[Signature, tuple]:
-        sig = Signature.of(args, kwargs, self.training)
-        state = tuple(sorted({(t.dtype, str(t.device)) for t in
-                              (*self._original.parameters(), *self._original.buffers())},
-                             key=str))
-        return sig, state
-
     def _program_for(self, args: tuple, kwargs: dict) -> Program:
-        sig, state = self._key(args, kwargs)
-        key = (sig, state)
+        sig = Signature.of(args, kwargs, self.training)
         programs: OrderedDict = self._programs
-        if key in programs:
-            programs.move_to_end(key)
-            return programs[key]
-        if programs and not self._recapture:
-            known = next(reversed(programs))[0]
+        program = programs.get(sig)
+        if program is not None and program.state_matches(self):
+            programs.move_to_end(sig)
+            return program
+        if programs and program is None and not self._recapture:
+            known = next(reversed(programs))
             raise SignatureError(
                 f"{type(self._original).__name__} was captured for other inputs: "
                 f"{known.mismatch(sig)}. Call it with inputs like the example, or convert with "
                 "recapture=True to compile one graph per input signature."
             )
-        try:
+        try:  # a new signature, or parameters moved to another dtype/device: capture again
             program = compile_program(self._original, args, kwargs, self._policy)
         except CaptureError as e:
             if programs:
-                known = next(reversed(programs))[0]
+                known = next(reversed(programs))
                 raise SignatureError(
                     f"{type(self._original).__name__} got new inputs ({known.mismatch(sig)}) "
                     f"and recapturing for them failed:\n{e}"
                 ) from e
             raise
-        programs[key] = program
+        programs[sig] = program
+        programs.move_to_end(sig)
         while len(programs) > self._cache_size:
             programs.popitem(last=False)
         return program

@@ -29,7 +29,7 @@ import traceback
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -50,11 +50,10 @@ _PREFIX = "model."
 # --- input signatures -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(NamedTuple):
     shape: tuple[int, ...]
     dtype: torch.dtype
-    device: str
+    device: torch.device
 
     def __str__(self) -> str:
         return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)} on {self.device}"
@@ -63,26 +62,26 @@ class TensorSpec:
 @dataclass(frozen=True)
 class Signature:
     """What a captured graph is specialised to: input structure, each input's shape/dtype/device
-    (or value, for non-tensors), and train/eval mode."""
+    (or value, for non-tensors), and train/eval mode. Cheap to build: it is the cache key of
+    every call."""
 
-    structure: str
+    structure: pytree.TreeSpec
     leaves: tuple[Any, ...]  # TensorSpec or ("value", repr)
-    names: tuple[str, ...]  # where each leaf sits: "args[0]", "kwargs['mask']"
     training: bool
 
     @staticmethod
     def of(args: tuple, kwargs: dict, training: bool) -> Signature:
-        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-        paths = [pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path(
-            (tuple(args), dict(kwargs)))[0]]
-        names = tuple(_pretty_path(p) for p in paths)
-        out = []
-        for leaf in leaves:
-            if isinstance(leaf, torch.Tensor):
-                out.append(TensorSpec(tuple(leaf.shape), leaf.dtype, str(leaf.device)))
-            else:
-                out.append(("value", repr(leaf)))
-        return Signature(str(spec), tuple(out), names, training)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        return Signature(spec, tuple(
+            TensorSpec(tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor)
+            else ("value", repr(x)) for x in leaves), training)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Where each leaf sits: "args[0]", "kwargs['mask']"."""
+        dummy = pytree.tree_unflatten(list(range(len(self.leaves))), self.structure)
+        return tuple(_pretty_path(pytree.keystr(p))
+                     for p, _ in pytree.tree_flatten_with_path(dummy)[0])
 
     def mismatch(self, other: Signature) -> str:
         """A sentence naming the first difference between ``other`` and ``self``."""

@@ -35,8 +35,16 @@ def _g(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+DEV = {"device": "cpu"}  # the GPU tests run the same probes on "cuda"
+
+
 def _x(shape, dt):
-    return (torch.randn(shape, generator=_g()) * 3 + 1).to(dt)
+    return (torch.randn(shape, generator=_g()) * 3 + 1).to(dt).to(DEV["device"])
+
+
+def _r(*shape, seed, rand=False):
+    t = torch.rand(shape, generator=_g(seed)) if rand else torch.randn(shape, generator=_g(seed))
+    return t.to(DEV["device"])
 
 
 def softmax(op, dt):
@@ -46,21 +54,21 @@ def softmax(op, dt):
 
 def layer_norm(op, dt):
     x = _x((2, N), dt)
-    w, b = torch.randn(N, generator=_g(1)), torch.randn(N, generator=_g(2))
+    w, b = _r(N, seed=1), _r(N, seed=2)
     ref = torch.nn.functional.layer_norm(x.double(), [N], w.double(), b.double(), 1e-5)
     return op(x, [N], w, b, 1e-5)[0], ref
 
 
 def group_norm(op, dt):
     x = _x((2, 8, 128, 128), dt)  # 4 channels x 16384 = 65536 per group
-    w, b = torch.randn(8, generator=_g(1)), torch.randn(8, generator=_g(2))
+    w, b = _r(8, seed=1), _r(8, seed=2)
     ref = torch.nn.functional.group_norm(x.double(), 2, w.double(), b.double(), 1e-5)
     return op(x, w, b, 2, 8, 128 * 128, 2, 1e-5)[0], ref
 
 
 def _bn_inputs(dt):
     x = _x((256, 4, 16, 16), dt)  # N*H*W = 65536 per channel
-    w, b = torch.randn(4, generator=_g(1)), torch.randn(4, generator=_g(2))
+    w, b = _r(4, seed=1), _r(4, seed=2)
     return x, w, b
 
 
@@ -68,20 +76,17 @@ def batch_norm_train(op, dt):
     x, w, b = _bn_inputs(dt)
     ref = torch.nn.functional.batch_norm(x.double(), None, None, w.double(), b.double(), True,
                                          0.1, 1e-5)
-    if op is aten._native_batch_norm_legit_functional.default:
-        out = op(x, w, b, torch.zeros(4), torch.ones(4), True, 0.1, 1e-5)
-    elif op is aten.native_batch_norm.default:
-        out = op(x, w, b, torch.zeros(4), torch.ones(4), True, 0.1, 1e-5)
-    elif op is aten._native_batch_norm_legit.no_stats:
+    if op is aten._native_batch_norm_legit.no_stats:
         out = op(x, w, b, True, 0.1, 1e-5)
     else:
-        out = op(x, w, b, torch.zeros(4), torch.ones(4), True, 0.1, 1e-5)
+        rm, rv = torch.zeros(4, device=x.device), torch.ones(4, device=x.device)
+        out = op(x, w, b, rm, rv, True, 0.1, 1e-5)
     return out[0], ref
 
 
 def batch_norm_eval(op, dt):
     x, w, b = _bn_inputs(dt)
-    rm, rv = torch.randn(4, generator=_g(3)), torch.rand(4, generator=_g(4)) + 0.5
+    rm, rv = _r(4, seed=3), _r(4, seed=4, rand=True) + 0.5
     ref = torch.nn.functional.batch_norm(x.double(), rm.double(), rv.double(), w.double(),
                                          b.double(), False, 0.1, 1e-5)
     return op(x, w, b, rm, rv, 0.1, 1e-5)[0], ref
