@@ -402,6 +402,10 @@ class Policy:
                     "unproven",
                     entry.fp32_args,
                 )
+            if self.dtype in LOW_DTYPES:
+                return Rule(A, f"{entry.reason} (proven with {_dtype_name(self.dtype)} I/O on "
+                            f"{device_type} by tests/test_fp32_accum.py)", "table",
+                            entry.fp32_args)
         return Rule(entry.op_class, entry.reason, "table", entry.fp32_args)
 
     def keep_whole(self) -> tuple[OpOverload, ...]:
