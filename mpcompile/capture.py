@@ -332,15 +332,29 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _DROP:
             gm.graph.erase_node(node)
+    signature = Signature.of(args, kwargs, model.training)
+    names = [n for n, leaf in zip(signature.names, signature.leaves)
+             if isinstance(leaf, TensorSpec)]
     for node in gm.graph.nodes:
         node.meta[MP] = NodeRecord("capture", *_module_of(node), source=_source_of(node))
-        if node.op == "placeholder" and "_model_" in node.name:  # p_model_fc_weight -> p_fc_weight
-            node._rename(node.name.replace("_model_", "_", 1))
+    for node, b in zip(gm.graph.find_nodes(op="placeholder"), inputs):
+        # p_model_fc_weight -> p_fc_weight; tensors_0 -> arg0 / input_ids
+        new = (_input_name(names[b.target]) if b.kind == "input"
+               else node.name.replace("_model_", "_", 1))
+        if new != node.name:
+            node._rename(new)
             node.target = node.name
     gm.graph.lint()
     gm.recompile()
-    return Captured(gm, tuple(inputs), tuple(outputs), out_spec,
-                    Signature.of(args, kwargs, model.training), name)
+    return Captured(gm, tuple(inputs), tuple(outputs), out_spec, signature, name)
+
+
+def _input_name(path: str) -> str:
+    """"args[0]" -> "arg0", "kwargs['input_ids']" -> "input_ids", "args[1][0]" -> "arg1_0"."""
+    m = re.fullmatch(r"kwargs\['([A-Za-z_]\w*)'\](.*)", path)
+    head, rest = (m.group(1), m.group(2)) if m else ("arg", path.removeprefix("args"))
+    tail = "_".join(re.findall(r"\w+", rest))
+    return f"{head}{tail}" if head == "arg" else (f"{head}_{tail}" if tail else head)
 
 
 def _module_of(node: fx.Node) -> tuple[str, str]:

@@ -277,8 +277,11 @@ def to_dot(program, path: str | None = None, stage: str | None = None) -> str:
            f'  label="{program.captured.model_name}: green {dtype_name(low)}, red float32, '
            'yellow casts, blue inputs"; labelloc=t;']
     for n in gm.graph.nodes:
-        target = n.target if n.op == "call_function" else n.op
-        label = f"{n.name}\\n{str(target).replace('aten.', '')}"
+        if is_getitem(n):
+            target = f"getitem[{n.args[1]}]"
+        else:
+            target = str(n.target if n.op == "call_function" else n.op).replace("aten.", "")
+        label = f"{n.name}\\n{target}"
         d = val_dtype(n)
         if d is not None:
             label += f"\\n{dtype_name(d)}{list(n.meta['val'].shape)}"
