@@ -1,5 +1,6 @@
 """mpcompile: compile a PyTorch model into a mixed-precision program (Micikevicius et al. 2018)."""
 
+from . import optim
 from .api import MixedPrecisionModule, Program, convert
 from .errors import (
     BannedOpError,
@@ -8,13 +9,17 @@ from .errors import (
     PassError,
     PolicyError,
     SignatureError,
+    TrainStepError,
     UnknownNodeError,
 )
 from .inspect import Report
 from .policy import DEFAULT_TABLE, Entry, OpClass, Policy
+from .scaling import DynamicLossScale
+from .train import StepResult, TrainReport, TrainStep, compile_train_step
 
 __all__ = [
     "DEFAULT_TABLE",
+    "DynamicLossScale",
     "BannedOpError",
     "CaptureError",
     "Entry",
@@ -27,6 +32,12 @@ __all__ = [
     "Program",
     "Report",
     "SignatureError",
+    "StepResult",
+    "TrainReport",
+    "TrainStep",
+    "TrainStepError",
     "UnknownNodeError",
+    "compile_train_step",
     "convert",
+    "optim",
 ]

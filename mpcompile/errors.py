@@ -39,3 +39,8 @@ class UnknownNodeError(MPCompileError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class TrainStepError(MPCompileError):
+    """A training step cannot be compiled as asked (unsupported optimizer or option, a loss that
+    is not a scalar, ...)."""

@@ -200,8 +200,8 @@ def _cast_info(n: fx.Node) -> CastInfo:
 # --- explain --------------------------------------------------------------------------------
 
 
-def find_node(program, node: str | fx.Node, stage: str | None = None) -> fx.Node:
-    gm = program.stages[stage] if stage else program.graph_module
+def find_node(gm: fx.GraphModule, node: str | fx.Node,
+              stages: dict[str, fx.GraphModule] | None = None) -> fx.Node:
     if isinstance(node, fx.Node):
         node = node.name
     for n in gm.graph.nodes:
@@ -210,19 +210,24 @@ def find_node(program, node: str | fx.Node, stage: str | None = None) -> fx.Node
     names = [n.name for n in gm.graph.nodes]
     close = difflib.get_close_matches(node, names, n=5)
     removed = ""
-    for name, g in program.stages.items():
+    for name, g in (stages or {}).items():
         if any(n.name == node for n in g.graph.nodes):
             removed = f" It exists in stage '{name}' (a later stage removed or renamed it)."
             break
     raise UnknownNodeError(
-        f"no node named {node!r} in the rewritten graph.{removed}"
+        f"no node named {node!r} in the graph.{removed}"
         + (f" Did you mean: {', '.join(close)}?" if close else "")
-        + " All names: mp.graph_module.graph (print it) or mp.report()."
+        + " Print .graph_module.graph for all names."
     )
 
 
 def explain(program, node: str | fx.Node) -> str:
-    n = find_node(program, node)
+    return explain_node(program.graph_module, node, program.stages)
+
+
+def explain_node(gm: fx.GraphModule, node: str | fx.Node,
+                 stages: dict[str, fx.GraphModule] | None = None) -> str:
+    n = find_node(gm, node, stages)
     rec = record(n)
     ins = ", ".join(f"{a.name}: {dtype_name(val_dtype(a))}" for _, _, a in arg_slots(n))
     outs = [dtype_name(t.dtype) if t is not None else "-" for t in tensors_of(n.meta.get("val"))]

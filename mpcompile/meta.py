@@ -42,6 +42,7 @@ class NodeRecord:
     precision: torch.dtype | None = None  # dtype the node computes in; None: no float math
     decided_by: str = ""  # "class", "pin", "mincut", "local", "cast", "input", ...
     decision: str = ""  # human-readable reason, with costs for min-cut decisions
+    subject: str = ""  # training nodes: the parameter (or state) the node works on
 
 
 def record(node: fx.Node) -> NodeRecord:
