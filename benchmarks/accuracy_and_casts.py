@@ -4,7 +4,8 @@
 - cast bytes of one forward + backward, measured with a TorchDispatchMode, for mpcompile
   (min-cut), the local strategy and torch.autocast, and mpcompile's ratio to each,
 - median wall time of one training step (forward, loss, backward, SGD) for FP32,
-  torch.autocast and mpcompile, and the ratios.
+  torch.autocast (+ GradScaler for FP16), mpcompile.convert (+ GradScaler) and
+  mpcompile.compile_train_step (the whole step as one graph), and the ratios to autocast.
 
     python benchmarks/accuracy_and_casts.py [--models cnn transformer] [--steps 20]
 
@@ -41,20 +42,40 @@ def step_time(fn, steps: int) -> float:
     return statistics.median(times[2:] or times)
 
 
-def trainer(model, loss_fn, x, kw, y, autocast_dtype=None):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+def trainer(model, loss_fn, x, kw, y, low=None, autocast=False):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=low is torch.float16)
 
     def step():
-        if autocast_dtype is None:
-            loss = loss_fn(model(*x, **kw), y)
-        else:
-            with torch.autocast("cpu", dtype=autocast_dtype):
+        if autocast:
+            with torch.autocast("cpu", dtype=low):
                 loss = loss_fn(model(*x, **kw), y)
+        else:
+            loss = loss_fn(model(*x, **kw), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
     return step
+
+
+def compiled_trainer(model, loss_fn, x, kw, y, low):
+    if kw:  # compile_train_step takes positional inputs; bind the keyword ones
+        inner, names = model, list(kw)
+
+        class Positional(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, *args):
+                return self.inner(**dict(zip(names, args)))
+
+        model, x = Positional(), tuple(kw.values())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    step = mpcompile.compile_train_step(model, loss_fn, x, y, optimizer=opt, dtype=low)
+    return lambda: step.step(x, y)
 
 
 def cases(names):
@@ -84,7 +105,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     head = (f"{'model':<12}{'dtype':<10}{'rel err':>9}{'/u':>6}"
             f"{'min-cut B':>12}{'local B':>12}{'autocast B':>12}{'mc/local':>9}{'mc/ac':>7}"
-            f"{'fp32 ms':>9}{'ac ms':>8}{'mp ms':>8}{'mp/ac':>7}{'mp/fp32':>8}")
+            f"{'fp32 ms':>9}{'ac ms':>8}{'mp ms':>8}{'step ms':>8}{'mp/ac':>7}{'step/ac':>8}")
     print(head)
     print("-" * len(head))
     for name, build, x, kw, y, loss_fn in cases(args.models):
@@ -100,19 +121,21 @@ def main() -> None:
             mc = m["mpcompile (min-cut)"].total_bytes
             lo = m["local strategy"].total_bytes
             ac = m["torch.autocast"].total_bytes if "torch.autocast" in m else None
-            fp32_model, ac_model = build().train(), build().train()
-            t_fp32 = step_time(trainer(fp32_model, loss_fn, x, kw, y), args.steps)
+            t_fp32 = step_time(trainer(build().train(), loss_fn, x, kw, y), args.steps)
             try:
-                t_ac = step_time(trainer(ac_model, loss_fn, x, kw, y, low), args.steps)
+                t_ac = step_time(trainer(build().train(), loss_fn, x, kw, y, low, True),
+                                 args.steps)
             except RuntimeError:
                 t_ac = float("nan")
-            t_mp = step_time(trainer(mp, loss_fn, x, kw, y), args.steps)
+            t_mp = step_time(trainer(mp, loss_fn, x, kw, y, low), args.steps)
+            t_st = step_time(compiled_trainer(build().train(), loss_fn, x, kw, y, low),
+                             args.steps)
             ac_s = f"{ac:>12,}" if ac is not None else f"{'fails':>12}"
             ratio = f"{mc / ac:>7.2f}" if ac else f"{'-':>7}"
             print(f"{name:<12}{str(low).removeprefix('torch.'):<10}{err:>9.2e}"
                   f"{err / U[low]:>6.2f}{mc:>12,}{lo:>12,}{ac_s}{mc / lo:>9.2f}{ratio}"
                   f"{t_fp32 * 1e3:>9.2f}{t_ac * 1e3:>8.2f}{t_mp * 1e3:>8.2f}"
-                  f"{t_mp / t_ac:>7.2f}{t_mp / t_fp32:>8.2f}")
+                  f"{t_st * 1e3:>8.2f}{t_mp / t_ac:>7.2f}{t_st / t_ac:>8.2f}")
 
 
 if __name__ == "__main__":

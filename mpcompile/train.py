@@ -590,7 +590,11 @@ class TrainReport:
         return d
 
     def __str__(self) -> str:
-        lines = [str(self.forward), "", "training graph, nodes by phase:"]
+        return f"{self.forward}\n\n{self.training_text()}"
+
+    def training_text(self) -> str:
+        """Only what the training graph adds to the forward report."""
+        lines = ["training graph, nodes by phase:"]
         for ph, n in self.nodes_by_phase.items():
             lines.append(f"  {ph:<14}{n:>6}   " + ", ".join(
                 f"{op.removeprefix('aten.')}×{k}" for op, k in

@@ -534,3 +534,26 @@ def test_targets_must_match_the_example():
     with pytest.raises(SignatureError, match="it has inputs\\[0\\], the example had"):
         step.step(x, ())
     assert all(torch.equal(v, step.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("spec,make", [
+    (mpcompile.optim.SGD(lr=0.05, momentum=0.9, nesterov=True), lambda p: torch.optim.SGD(
+        p, lr=0.05, momentum=0.9, nesterov=True)),
+    (mpcompile.optim.AdamW(lr=1e-3, weight_decay=1e-2), lambda p: torch.optim.AdamW(
+        p, lr=1e-3, weight_decay=1e-2)),
+], ids=["sgd", "adamw"])
+def test_mpcompile_optim_specs_equal_torch_optimizers(spec, make):
+    ex = EXAMPLES["mlp"]
+    runs = []
+    for opt in (spec, None):
+        model = ex.build().train()
+        step = mpcompile.compile_train_step(model, ex.loss, *batch(ex),
+                                            optimizer=opt or make(model.parameters()))
+        for i in range(5):
+            step.step(*batch(ex, seed=i))
+        runs.append(step.state_dict())
+    for k, v in runs[0].items():
+        if k != "lr_override":
+            assert torch.equal(v, runs[1][k]), k
+    with pytest.raises(TrainStepError, match="nesterov momentum requires"):
+        mpcompile.optim.SGD(lr=0.1, nesterov=True)
