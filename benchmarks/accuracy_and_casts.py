@@ -22,7 +22,7 @@ import time
 import torch
 
 import mpcompile
-from mpcompile.examples import EXAMPLES, batch
+from mpcompile.examples import EXAMPLES, batch, eager_step
 
 U = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
@@ -46,18 +46,8 @@ def trainer(model, loss_fn, x, kw, y, low=None, autocast=False):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=low is torch.float16)
 
-    def step():
-        if autocast:
-            with torch.autocast("cpu", dtype=low):
-                loss = loss_fn(model(*x, **kw), y)
-        else:
-            loss = loss_fn(model(*x, **kw), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
-    return step
+    return lambda: eager_step(model, opt, scaler, loss_fn, x, y, kw,
+                              autocast=low if autocast else None)
 
 
 def compiled_trainer(model, loss_fn, x, kw, y, low):

@@ -9,7 +9,7 @@ import time
 import torch
 
 from .api import convert
-from .examples import EXAMPLES, batch
+from .examples import EXAMPLES, batch, eager_step
 from .meta import is_cast
 from .policy import OpClass, table_rows
 from .train import compile_train_step
@@ -37,16 +37,8 @@ def train_autocast(example, steps: int, lr: float, dtype: torch.dtype) -> list[f
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=dtype is torch.float16)
     x, y = batch(example, seed=0)
-    losses = []
-    for _ in range(steps):
-        with torch.autocast("cpu", dtype=dtype):
-            loss = example.loss(model(*x), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        losses.append(loss.item())
-    return losses
+    return [eager_step(model, opt, scaler, example.loss, x, y, autocast=dtype)[0].item()
+            for _ in range(steps)]
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -150,6 +150,29 @@ EXAMPLES: dict[str, Example] = {
 }
 
 
+def eager_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               loss_fn: Callable, inputs: tuple, targets: object, kwargs: dict | None = None,
+               autocast: torch.dtype | None = None, clip: float | None = None):
+    """One step of the eager recipe users run today (the reference the compiled step is checked
+    against): [torch.autocast] forward and loss, GradScaler-scaled backward, [unscale + clip],
+    GradScaler step and update. Returns (loss, total grad norm or None)."""
+    kwargs = kwargs or {}
+    if autocast is not None:
+        with torch.autocast("cpu", dtype=autocast):
+            loss = loss_fn(model(*inputs, **kwargs), targets)
+    else:
+        loss = loss_fn(model(*inputs, **kwargs), targets)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    norm = None
+    if clip is not None:
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach(), norm
+
+
 def batch(example: Example, seed: int = 0) -> tuple[tuple, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return example.inputs(g), example.targets(g)

@@ -16,7 +16,7 @@ from models_hf import bert
 from test_fp32_accum import CLAIMS
 
 import mpcompile
-from mpcompile.examples import EXAMPLES, batch
+from mpcompile.examples import EXAMPLES, batch, eager_step
 from mpcompile.meta import arg_slots, is_cast, is_getitem, record, val_dtype
 from mpcompile.policy import OpClass
 
@@ -85,15 +85,8 @@ def test_example_model(name, low):
 def train(model_or_mp, loss_fn, inputs, kwargs, targets, low, steps, lr):
     opt = torch.optim.SGD(model_or_mp.parameters(), lr=lr, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=low is torch.float16)
-    losses = []
-    for _ in range(steps):
-        loss = loss_fn(model_or_mp(*inputs, **kwargs), targets)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        losses.append(loss.item())
-    return losses
+    return [eager_step(model_or_mp, opt, scaler, loss_fn, inputs, targets, kwargs)[0].item()
+            for _ in range(steps)]
 
 
 @pytest.mark.parametrize("name,low", CASES, ids=lambda v: str(v).replace("torch.", ""))

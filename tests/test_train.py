@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import mpcompile
 from mpcompile import DynamicLossScale, SignatureError, TrainStepError
-from mpcompile.examples import EXAMPLES, MLP, batch
+from mpcompile.examples import EXAMPLES, MLP, batch, eager_step
 from mpcompile.meta import is_getitem, record
 
 F16, BF16 = torch.float16, torch.bfloat16
@@ -44,21 +44,12 @@ def reference(ex, low, make_opt, steps, oracle, *, init_scale=2.0**16, clip=None
     losses, norms = [], []
     for i in range(steps):
         x, y = batch(ex, seed=i)
-        if oracle == "convert":
-            loss = ex.loss(run(*x), y)
-        else:
-            with torch.autocast("cpu", dtype=low):
-                loss = ex.loss(run(*x), y)
-        opt.zero_grad()
-        scaler.scale(loss).backward()
-        if clip is not None:
-            scaler.unscale_(opt)
-            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        scaler.step(opt)
-        scaler.update()
+        loss, norm = eager_step(run, opt, scaler, ex.loss, x, y, clip=clip,
+                                autocast=low if oracle == "autocast" else None)
         if scheduler:
             scheduler.step()
-        losses.append(loss.detach())
+        losses.append(loss)
+        norms.append(norm)
     return model, opt, losses, norms
 
 
