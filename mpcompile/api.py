@@ -26,6 +26,7 @@ class Program:
     policy: Policy
     device_type: str
     example: tuple[tuple, dict]  # the inputs it was captured with (reports re-run them)
+    modes: tuple[bool, ...] = ()  # every module's training flag at capture
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -58,7 +59,10 @@ class Program:
 
     def state_matches(self, module: torch.nn.Module) -> bool:
         """Do ``module``'s parameters and buffers still have the dtypes and devices the graph
-        was captured with (``.to()``, ``.half()`` change them)?"""
+        was captured with (``.to()``, ``.half()`` change them), and its submodules the same
+        train/eval flags?"""
+        if tuple(m.training for m in module.modules()) != self.modes:
+            return False
         for b, (dtype, device) in self._state:
             t = _lookup(module, b.target, "_parameters" if b.kind == "param" else "_buffers")
             if t.dtype != dtype or t.device != device:
@@ -109,7 +113,8 @@ def compile_program(model: torch.nn.Module, args: tuple, kwargs: dict,
     device_type = _device_type(model, args, kwargs)
     ctx = Context(policy, device_type, model, captured.inputs)
     stages = run_pipeline(captured, ctx)
-    return Program(captured, stages, policy, device_type, (tuple(args), dict(kwargs)))
+    return Program(captured, stages, policy, device_type, (tuple(args), dict(kwargs)),
+                   tuple(m.training for m in model.modules()))
 
 
 def _as_args(example_inputs: Any) -> tuple:

@@ -227,6 +227,16 @@ def _strip(fqn: str) -> str:
     return fqn[len(_PREFIX):] if fqn.startswith(_PREFIX) else fqn
 
 
+def module_modes(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+    """Every module's train/eval flag (``model.train(mode)`` would overwrite them all)."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def restore_modes(modes: list[tuple[torch.nn.Module, bool]]) -> None:
+    for m, training in modes:
+        m.training = training
+
+
 def _user_frame(e: BaseException) -> str:
     """' at file:line in fn: `code`' for the innermost frame outside torch and mpcompile."""
     torch_dir = os.path.dirname(torch.__file__)
@@ -262,7 +272,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     tensors = tuple(leaves[i] for i in where)
     box: list[OutSpec] = []
     flat = _Flat(model, leaves, spec, where, box.append)
-    flat.train(model.training)
+    flat.training = model.training  # the wrapper only; the model's modules keep their own
+    modes = module_modes(model)
     # On failure torch logs and prints a partial graph; we raise a CaptureError naming the
     # model's line instead. So: quiet that logger, and hold stderr, replaying it on success.
     quiet = logging.getLogger("torch.fx.experimental.symbolic_shapes")
@@ -293,7 +304,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
         sys.stderr.write(err.getvalue())
     finally:
         quiet.setLevel(level)
-        model.train(flat.training)  # export may toggle modes; leave the model as it was
+        restore_modes(modes)  # leave every module's train/eval flag exactly as it was
     out_spec = box[-1]
     gm = ep.graph_module
     sig = ep.graph_signature

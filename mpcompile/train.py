@@ -27,7 +27,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import optim, scaling
 from .api import Program, _as_args, compile_program
-from .capture import Signature, TensorSpec
+from .capture import Signature, TensorSpec, module_modes, restore_modes
 from .errors import MPCompileError, SignatureError, TrainStepError
 from .meta import MP, NodeRecord, check, dtype_name, is_cast, is_getitem, record, val_dtype
 from .passes import working_copies
@@ -319,12 +319,15 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable, example_inputs
     plan = optim.plan_for(optimizer, named)
     policy.check_pins(model)
 
-    was_training = model.training
-    model.train()
+    # the step trains: a model in eval mode is captured as after model.train(); a model already
+    # in train mode keeps the modes of its submodules (e.g. a batch norm frozen with .eval())
+    modes = module_modes(model)
+    if not model.training:
+        model.train()
     try:
         program = compile_program(model, inputs, {}, policy)
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     fwd = working_copies.run(program.graph_module, program.captured.inputs, low)
     for n in fwd.gm.graph.nodes:  # survives the retrace: maps traced nodes back to records
         n.meta["custom"] = {"mp_name": n.name}

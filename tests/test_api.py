@@ -56,6 +56,21 @@ def test_gradients_reach_the_fp32_masters_and_match_fp32():
         assert rel < 0.02, f"{name}: gradient off by {rel:.4f}"
 
 
+def test_frozen_submodule_modes_survive_capture():
+    model, x = _cnn()
+    model.train()
+    model.bn1.eval()  # a user's frozen batch norm
+    mp = mpcompile.convert(model, x)
+    assert model.training and not model.bn1.training and model.bn2.training
+    before = model.bn1.running_mean.clone()
+    mp(x)
+    assert torch.equal(model.bn1.running_mean, before)  # frozen: eval-mode batch norm
+    assert model.bn2.num_batches_tracked.item() == 1
+    model.bn1.train()  # unfreezing it is a new graph
+    mp(x)
+    assert not torch.equal(model.bn1.running_mean, before)  # recaptured, replacing the old
+
+
 def test_batchnorm_running_stats_follow_train_and_eval():
     model, x = _cnn()
     ref = copy.deepcopy(model)
