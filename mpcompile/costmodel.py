@@ -136,6 +136,9 @@ class CastModel:
                     self.producer[n] = (n.args[0], n.args[1])
                 else:
                     self.producer[n] = (n, 0)
+        self.outputs_of: dict[fx.Node, list[fx.Node]] = {}
+        for h, (p, _) in self.producer.items():
+            self.outputs_of.setdefault(p, []).append(h)
         for n in gm.graph.nodes:
             for path, slot, a in arg_slots(n):
                 if a in self.uses:
@@ -246,11 +249,9 @@ class CastModel:
 
     def touching(self, node: fx.Node) -> list[fx.Node]:
         """Handles whose cast cost can change when ``node``'s label changes."""
-        hs = {h for _, h in self.inputs(node)}
-        for h in self.handles:
-            if self.producer[h][0] is node:
-                hs.add(h)
-        return [h for h in self.handles if h in hs]
+        hs = dict.fromkeys(h for _, h in self.inputs(node))
+        hs.update(dict.fromkeys(self.outputs_of.get(node, ())))
+        return list(hs)
 
     def traffic_saved(self, node: fx.Node) -> int:
         """Bytes of float32 tensor traffic this node avoids by computing in low precision."""
