@@ -5,6 +5,7 @@ from .api import MixedPrecisionModule, Program, convert
 from .errors import (
     BannedOpError,
     CaptureError,
+    ExportError,
     MPCompileError,
     PassError,
     PolicyError,
@@ -12,6 +13,7 @@ from .errors import (
     TrainStepError,
     UnknownNodeError,
 )
+from .export import OrtTrainer, export_onnx
 from .inspect import Report
 from .policy import DEFAULT_TABLE, Entry, OpClass, Policy
 from .scaling import DynamicLossScale
@@ -23,9 +25,11 @@ __all__ = [
     "BannedOpError",
     "CaptureError",
     "Entry",
+    "ExportError",
     "MPCompileError",
     "MixedPrecisionModule",
     "OpClass",
+    "OrtTrainer",
     "PassError",
     "Policy",
     "PolicyError",
@@ -39,5 +43,6 @@ __all__ = [
     "UnknownNodeError",
     "compile_train_step",
     "convert",
+    "export_onnx",
     "optim",
 ]

@@ -400,7 +400,9 @@ def _source_of(node: fx.Node) -> str:
         if m:
             code = lines[i + 1] if i + 1 < len(lines) and not _FRAME.match(lines[i + 1]) else ""
             frames.append((m.group(1), m.group(2), code))
+    here = os.path.dirname(__file__).replace("\\", "/")
     for path, line, code in reversed(frames):
-        if "/torch/" not in path.replace("\\", "/"):
+        norm = path.replace("\\", "/")
+        if "/torch/" not in norm and not norm.startswith(here):
             return f"{path.replace(chr(92), '/').rsplit('/', 1)[-1]}:{line}  {code}"
     return ""

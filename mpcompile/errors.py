@@ -44,3 +44,7 @@ class UnknownNodeError(MPCompileError, KeyError):
 class TrainStepError(MPCompileError):
     """A training step cannot be compiled as asked (unsupported optimizer or option, a loss that
     is not a scalar, ...)."""
+
+
+class ExportError(MPCompileError):
+    """A graph cannot be written as standard ONNX (an op without a correct translation)."""
