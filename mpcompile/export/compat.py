@@ -36,6 +36,14 @@ def has_bf16(model: onnx.ModelProto) -> bool:
     return BF16 in _types(model).values()
 
 
+def _rewire(g: onnx.GraphProto, old: str, new: str, *, producer: bool = False) -> None:
+    """Every node reading ``old`` reads ``new`` (and, with ``producer``, writes it too)."""
+    for node in g.node:
+        node.input[:] = [new if x == old else x for x in node.input]
+        if producer:
+            node.output[:] = [new if x == old else x for x in node.output]
+
+
 def bf16_io_as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -46,8 +54,7 @@ def bf16_io_as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
         if vi.type.tensor_type.elem_type != BF16:
             continue
         inner = f"{vi.name}__bf16"
-        for node in g.node:
-            node.input[:] = [inner if x == vi.name else x for x in node.input]
+        _rewire(g, vi.name, inner)
         for out in g.output:
             if out.name == vi.name:
                 raise ValueError(f"{vi.name} is both an input and an output")
@@ -62,9 +69,7 @@ def bf16_io_as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
         if vi.type.tensor_type.elem_type != BF16:
             continue
         inner = f"{vi.name}__bf16"
-        for node in g.node:
-            node.output[:] = [inner if x == vi.name else x for x in node.output]
-            node.input[:] = [inner if x == vi.name else x for x in node.input]
+        _rewire(g, vi.name, inner, producer=True)
         vi.type.tensor_type.elem_type = F32
         g.node.append(helper.make_node("Cast", [inner], [vi.name], to=F32,
                                        name=f"out_{vi.name}"))
