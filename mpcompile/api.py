@@ -30,7 +30,15 @@ class Program:
 
     @property
     def graph_module(self) -> fx.GraphModule:
+        """The graph that runs (the last stage: kernels if lowered)."""
         return self.stages[next(reversed(self.stages))]
+
+    @property
+    def unlowered(self) -> fx.GraphModule:
+        """The mixed-precision graph before kernel lowering (what export and reports read)."""
+        from .passes import UNLOWERED
+
+        return self.stages[UNLOWERED]
 
     def output_dtypes(self) -> list[torch.dtype | None]:
         """dtypes of the model's flattened outputs, as captured (the FP32 model's)."""

@@ -26,7 +26,7 @@ from .meta import (
     tensors_of,
     val_dtype,
 )
-from .passes import Context, run_pipeline
+from .passes import UNLOWERED, Context, run_pipeline
 
 F32 = torch.float32
 
@@ -39,6 +39,38 @@ class CastInfo:
     dst: str
     bytes: int
     of_parameter: bool
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """One lowered matmul/convolution: which generated kernel, and what ran it last."""
+
+    node: str
+    kernel: str
+    kind: str
+    tile: str
+    epilogue: str
+    backend: str
+
+    def __str__(self) -> str:
+        return (f"{self.node}: {self.kernel} ({self.kind}, tile {self.tile}, epilogue "
+                f"{self.epilogue}) - {self.backend}")
+
+
+def kernel_infos(gm: fx.GraphModule) -> tuple[KernelInfo, ...]:
+    from .runtime.kernel import KernelCall
+
+    out = []
+    for n in gm.graph.nodes:
+        mod = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(mod, KernelCall):
+            sp, t = mod.spec, mod.spec.tile
+            out.append(KernelInfo(n.name, sp.name, sp.kind.value,
+                                  f"{t.bm}x{t.bn}x{t.bk}/{t.warps}w/{t.stages}s",
+                                  f"{list(sp.epilogue.ops)}->{sp.epilogue.out}"
+                                  + (f", split-K {sp.split_k}" if sp.split_k > 1 else ""),
+                                  mod.backend))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -59,6 +91,7 @@ class Report:
     local_cast_bytes: int  # static forward cast bytes of the local strategy
     measured: dict[str, Traffic] = field(default_factory=dict)  # forward+backward, real calls
     autocast_error: str | None = None  # torch.autocast could not run this model
+    kernels: tuple[KernelInfo, ...] = ()  # matmuls/convs lowered to generated kernels
 
     @property
     def cast_bytes(self) -> int:
@@ -118,6 +151,9 @@ class Report:
                 lines.append(f"  {op}: {', '.join(nodes)}")
         else:
             lines.append("ops not in the policy table: none")
+        if self.kernels:
+            lines.append(f"generated tensor-core kernels: {len(self.kernels)}")
+            lines += [f"  {k}" for k in self.kernels]
         if self.pinned:
             lines.append("pinned to FP32 by keep_fp32_modules:")
             for pin, nodes in sorted(self.pinned.items()):
@@ -131,7 +167,7 @@ def _op_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def build_report(program, model: torch.nn.Module, measure_calls: bool = True) -> Report:
-    gm = program.graph_module
+    gm = program.unlowered
     low = dtype_name(program.policy.dtype)
     by_precision: Counter = Counter()
     by_class: Counter = Counter()
@@ -179,14 +215,14 @@ def build_report(program, model: torch.nn.Module, measure_calls: bool = True) ->
         by_class=dict(by_class), casts=casts, defaulted=dict(defaulted), pinned=dict(pinned),
         local_cast_bytes=other_bytes if other == "local" else sum(c.bytes for c in casts),
         measured=measured, autocast_error=autocast_error,
+        kernels=kernel_infos(program.graph_module),
     )
 
 
 def _other_strategy(program, model: torch.nn.Module, strategy: str) -> fx.GraphModule:
     policy = dataclasses.replace(program.policy, strategy=strategy)
     ctx = Context(policy, program.device_type, model, program.captured.inputs)
-    stages = run_pipeline(program.captured, ctx)
-    return stages[next(reversed(stages))]
+    return run_pipeline(program.captured, ctx)[UNLOWERED]
 
 
 def _cast_info(n: fx.Node) -> CastInfo:

@@ -201,6 +201,6 @@ def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     out = graph.graph_copy(gm.graph, {})
     old_out = gm.graph.output_node()
     graph.output(out).meta = dict(old_out.meta)  # graph_copy leaves the output node's meta
-    new = fx.GraphModule(torch.nn.Module(), graph)
+    new = fx.GraphModule(gm, graph)  # submodules the graph calls (kernels) come along
     new.meta.update(gm.meta)
     return new

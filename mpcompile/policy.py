@@ -313,6 +313,9 @@ class Policy:
             does on GPUs.
         strategy: ``"mincut"`` (global minimum of cast bytes) or ``"local"`` (each free op takes
             its inputs' precision, as autocast's type promotion does).
+        kernels: lower matmuls/convolutions to generated tensor-core kernels: ``"auto"`` when
+            the graph runs on CUDA, ``"on"`` everywhere (off-GPU they compute the same contract
+            with torch), ``"off"`` never.
     """
 
     dtype: torch.dtype = torch.float16
@@ -323,6 +326,7 @@ class Policy:
     keep_fp32_modules: Sequence[str | type] = ()
     strict_reductions: bool = False
     strategy: str = "mincut"
+    kernels: str = "auto"
     _user: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -333,6 +337,10 @@ class Policy:
             )
         if self.strategy not in ("mincut", "local"):
             raise PolicyError(f"Policy(strategy={self.strategy!r}): use 'mincut' or 'local'")
+        if self.kernels not in ("auto", "on", "off"):
+            raise PolicyError(f"Policy(kernels={self.kernels!r}): use 'auto' (generated "
+                              "kernels on CUDA), 'on' (also elsewhere, via the reference) or "
+                              "'off'")
         user: dict[OpOverload, tuple[OpClass, str]] = {}
         for arg, cls in (("lower", L), ("fp32", F), ("follow", W), ("passthrough", P)):
             ops = getattr(self, arg)

@@ -30,7 +30,7 @@ from .api import Program, _as_args, compile_program
 from .capture import Signature, TensorSpec, module_modes, restore_modes
 from .errors import MPCompileError, SignatureError, TrainStepError
 from .meta import MP, NodeRecord, check, dtype_name, is_cast, is_getitem, record, val_dtype
-from .passes import working_copies
+from .passes import Context, lower, working_copies
 from .policy import Policy
 
 F32 = torch.float32
@@ -144,7 +144,8 @@ class TrainStep:
     """A compiled mixed-precision training step. See :func:`compile_train_step`."""
 
     def __init__(self, *, model, program, fwd, layout, state, plan, loss_scale, lr_source,
-                 low, master_weights, max_grad_norm, gm, batch_sig, n_inputs, policy):
+                 low, master_weights, max_grad_norm, gm, unlowered, batch_sig, n_inputs,
+                 policy):
         self._model = model
         self._program: Program = program
         self._fwd: working_copies.WorkingCopies = fwd
@@ -157,7 +158,8 @@ class TrainStep:
         self.dtype = low
         self.master_weights = master_weights
         self.max_grad_norm = max_grad_norm
-        self.graph_module: fx.GraphModule = gm
+        self.graph_module: fx.GraphModule = gm  # what runs (kernels if lowered)
+        self.unlowered: fx.GraphModule = unlowered  # before lowering: export reads this
         self._batch_sig = batch_sig
         self._n_inputs = n_inputs
         self.policy = policy
@@ -328,7 +330,7 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable, example_inputs
         program = compile_program(model, inputs, {}, policy)
     finally:
         restore_modes(modes)
-    fwd = working_copies.run(program.graph_module, program.captured.inputs, low)
+    fwd = working_copies.run(program.unlowered, program.captured.inputs, low)
     for n in fwd.gm.graph.nodes:  # survives the retrace: maps traced nodes back to records
         n.meta["custom"] = {"mp_name": n.name}
     params = dict(named)
@@ -371,12 +373,15 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable, example_inputs
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainStepError(f"could not trace the training step: {type(e).__name__}: {msg}"
                              ) from e
-    gm = _finish_graph(gm, program, fwd, layout, plan, len(lrs), len(inputs), len(targets),
-                       max_grad_norm is not None)
+    unlowered = _finish_graph(gm, program, fwd, layout, plan, len(lrs), len(inputs),
+                              len(targets), max_grad_norm is not None)
+    ctx = Context(policy, program.device_type, model, program.captured.inputs)
+    gm = check(lower.run(unlowered, ctx), "lower")
     lr_source = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
     return TrainStep(model=model, program=program, fwd=fwd, layout=layout, state=values,
                      plan=plan, loss_scale=ls, lr_source=lr_source, low=low,
                      master_weights=master_weights, max_grad_norm=max_grad_norm, gm=gm,
+                     unlowered=unlowered,
                      batch_sig=_batch_signature(inputs, targets),
                      n_inputs=len(inputs), policy=policy)
 
@@ -576,6 +581,7 @@ class TrainReport:
     """The core report of the forward plus what the training graph adds."""
 
     forward: Any  # inspect.Report
+    kernels: tuple  # inspect.KernelInfo of the lowered training graph
     nodes_by_phase: dict[str, int]
     ops_by_phase: dict[str, dict[str, int]]
     updates_per_param: dict[str, int]
@@ -610,6 +616,9 @@ class TrainReport:
         per = self.updates_per_param.values()
         lines.append(f"update nodes per parameter: min {min(per, default=0)}, max "
                      f"{max(per, default=0)} ({len(per)} parameters)")
+        if self.kernels:
+            lines.append(f"generated kernels in the training graph: {len(self.kernels)}")
+            lines += [f"  {k}" for k in self.kernels]
         lines.append(f"state: {self.fp32_state_bytes:,} B in FP32, {self.low_state_bytes:,} B in "
                      "low precision (" + ", ".join(f"{k} {v:,} B" for k, v in
                                                    self.state_bytes_by_kind.items()) + ")")
@@ -626,7 +635,7 @@ def build_train_report(step: TrainStep, forward_report) -> TrainReport:
     per_param: Counter = Counter()
     casts: Counter = Counter()
     bwd: dict = defaultdict(Counter)
-    for n in step.graph_module.graph.nodes:
+    for n in step.unlowered.graph.nodes:
         if n.op != "call_function" or is_getitem(n):
             continue
         rec = record(n)
@@ -651,8 +660,10 @@ def build_train_report(step: TrainStep, forward_report) -> TrainReport:
         elif t.dtype is F32:
             fp32 += nbytes
     order = ["forward", *PHASES]
+    from .inspect import kernel_infos
+
     return TrainReport(
-        forward=forward_report,
+        forward=forward_report, kernels=kernel_infos(step.graph_module),
         nodes_by_phase={k: by_phase[k] for k in order if by_phase[k]},
         ops_by_phase={k: dict(v) for k, v in ops.items()},
         updates_per_param=dict(per_param), casts=dict(casts), fp32_state_bytes=fp32,

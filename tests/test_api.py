@@ -348,6 +348,6 @@ def test_dot_and_stage_diff(tmp_path):
     assert (tmp_path / "g.dot").read_text() == dot
     if shutil.which("dot"):
         assert (tmp_path / "g.svg").exists()
-    assert list(mp.stages) == ["capture", "classify", "assign", "casts", "cleanup"]
+    assert list(mp.stages) == ["capture", "classify", "assign", "casts", "cleanup", "lower"]
     diff = diff_stages(mp.program, "assign", "casts")
     assert "+" in diff and "_to_copy" in diff

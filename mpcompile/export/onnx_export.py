@@ -117,11 +117,11 @@ def _forward_parts(mp: MixedPrecisionModule, keep_fp32_weights: bool):
     args, kwargs = prog.example
     inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
               if isinstance(t, torch.Tensor)]
-    placeholders = list(prog.graph_module.graph.find_nodes(op="placeholder"))
+    placeholders = list(prog.unlowered.graph.find_nodes(op="placeholder"))
     if keep_fp32_weights:
-        gm, bindings = prog.graph_module, prog.captured.inputs
+        gm, bindings = prog.unlowered, prog.captured.inputs
     else:
-        wc = working_copies.run(prog.graph_module, prog.captured.inputs, low)
+        wc = working_copies.run(prog.unlowered, prog.captured.inputs, low)
         gm, bindings = wc.gm, wc.inputs
     gm = _copy(gm)
     feed, example, in_names, defaults = [], [], [], {}
@@ -170,10 +170,10 @@ def _retrace(gm: fx.GraphModule, example: list) -> fx.GraphModule:
 
 
 def _train_parts(step: TrainStep):
-    gm = _copy(step.graph_module)
+    gm = _copy(step.unlowered)
     records = _annotate(gm)
     lrs = [torch.tensor(x, dtype=torch.float64) for x in step.learning_rates()]
-    n_out = len(step.graph_module.graph.output_node().args[0])
+    n_out = len(step.unlowered.graph.output_node().args[0])
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     example = [*step._state, *lrs]
     for ph in placeholders[len(example):]:  # the batch: example values from the fake tensors

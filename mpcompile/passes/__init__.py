@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from ..capture import Captured
 from ..meta import check, copy_module
-from . import assign, casts, classify, cleanup
+from . import assign, casts, classify, cleanup, lower
 from .context import Context
 
 PIPELINE = (
@@ -19,8 +19,10 @@ PIPELINE = (
     ("assign", assign.run),  # precision of every op: fixed by class, or min-cut for free ops
     ("casts", casts.run),  # one cast per (tensor, dtype); creation ops retargeted
     ("cleanup", cleanup.run),  # fold cast chains; drop identity, duplicate and dead casts
+    ("lower", lower.run),  # matmuls/convs -> generated tensor-core kernels (Policy.kernels)
 )
 _CHECK_PRECISIONS = ("casts", "cleanup")
+UNLOWERED = "cleanup"  # the last stage before kernels: what export and reports read
 
 
 def run_pipeline(captured: Captured, ctx: Context) -> dict[str, fx.GraphModule]:
@@ -35,4 +37,4 @@ def run_pipeline(captured: Captured, ctx: Context) -> dict[str, fx.GraphModule]:
     return stages
 
 
-__all__ = ["PIPELINE", "Context", "run_pipeline"]
+__all__ = ["PIPELINE", "UNLOWERED", "Context", "run_pipeline"]

@@ -1,0 +1,180 @@
+"""A NumPy model of a generated kernel: every thread's copies, ldmatrix loads, MMAs and stores.
+
+It executes the same mapping functions the renderer emits (``mapping.py``, the spec's address
+functions), with NumPy arrays over all lanes / copies at once, and checks on the way what the
+hardware would not: that the copies of a tile write each shared-memory slot once, that every
+ldmatrix row address is 16-byte aligned, and that the registers the lanes hold make up each
+16x16 / 16x8 operand exactly once under the PTX ISA fragment layouts. The result is compared with
+a plain matmul in the tests, on shapes that are not tile multiples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import mapping as mp
+from .spec import KernelSpec, Kind
+
+_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Round float64 values to ``dtype`` (nearest even) and back to float64."""
+    return torch.from_numpy(np.asarray(x, dtype=np.float64)).to(_TORCH[dtype]).double().numpy()
+
+
+def gelu(x):
+    erf = np.vectorize(math.erf)
+    return 0.5 * x * (1 + erf(x / math.sqrt(2)))
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def epilogue(spec: KernelSpec, acc: np.ndarray, cols: np.ndarray, bias, scale: float):
+    """The epilogue ops on FP32-accumulated values (float64 here), before the final cast."""
+    x = acc
+    for op in spec.epilogue.ops:
+        if op == "scale":
+            x = x * scale
+        elif op == "bias_n":
+            x = x + bias[cols]
+        elif op == "relu":
+            x = np.maximum(x, 0)
+        elif op == "gelu":
+            x = gelu(x)
+        elif op == "gelu_tanh":
+            x = gelu_tanh(x)
+        elif op == "round":
+            x = round_to(x, spec.dtype)
+    return x
+
+
+def _load_tile(at, mem, kcontig: bool, width: int, rows: int, vec: int, tile0: int, k0: int,
+               k_end: int, base: int) -> np.ndarray:
+    """Copy one operand tile into a fresh shared-memory array, as the block's threads do.
+    ``at(mn, k)`` is the operand's (offset, inside) at GEMM coordinates (row or column, k)."""
+    idx = np.arange(mp.copies(rows, width, vec))
+    row, col = mp.copy_coords(idx, width, vec)
+    smem = np.full(rows * width, np.nan)
+    written = np.zeros(rows * width, dtype=int)
+    for e in range(vec):
+        if kcontig:  # tile rows run along M (or N), columns along K
+            mn, k = tile0 + row, k0 + col + e
+        else:  # tile rows run along K, columns along M (or N)
+            mn, k = tile0 + col + e, k0 + row
+        off, ok = at(mn, k)
+        ok = np.asarray(ok) & (k < k_end)
+        vals = np.where(ok, mem[np.where(ok, base + off, 0)], 0.0)
+        slot = mp.smem_offset(row, col + e, width)
+        np.add.at(written, slot, 1)
+        smem[slot] = vals
+    if not (written == 1).all():
+        raise AssertionError("copies of a tile collide in shared memory or leave holes")
+    return smem
+
+
+def _ldmatrix(smem, width, lanes_row, lanes_col, trans):
+    """Registers (4 matrices x 2 elements per lane) an ldmatrix.x4 delivers to the 32 lanes."""
+    if (np.asarray(lanes_col) % 8).any():
+        raise AssertionError("ldmatrix row address not 16-byte aligned")
+    base = mp.smem_offset(lanes_row, lanes_col, width)
+    rows = np.stack([smem[base + c] for c in range(8)], axis=1)  # [32 lanes][8 elements]
+    lane = np.arange(32)
+    regs = np.zeros((32, 4, 2))
+    for j in range(4):
+        for e in range(2):
+            r, c = mp.ldmatrix_element(lane, e, trans)
+            regs[:, j, e] = rows[8 * j + r, c]
+    return regs
+
+
+def _assemble(shape, lane_elems, mapping):
+    """Rebuild an operand tile from the lanes' fragment elements; each element exactly once."""
+    out = np.full(shape, np.nan)
+    seen = np.zeros(shape, dtype=int)
+    lane = np.arange(32)
+    for i in range(lane_elems.shape[1]):
+        r, c = mapping(lane, i)
+        out[r, c] = lane_elems[:, i]
+        np.add.at(seen, (r, c), 1)
+    if not (seen == 1).all():
+        raise AssertionError("fragment layout does not cover the operand tile exactly once")
+    return out
+
+
+def run(spec: KernelSpec, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None,
+        scale: float = 1.0) -> np.ndarray:
+    """Execute the kernel on flat operand buffers (float64 holding low-precision values) and
+    return the flat output buffer (float64 holding ``epilogue.out`` values)."""
+    t = spec.tile
+    lane = np.arange(32)
+    out_len = (spec.batch - 1) * spec.batch_stride_c + spec.m * spec.c_ld if \
+        spec.kind is Kind.GEMM else spec.m * spec.c_ld
+    if spec.split_k > 1:  # one FP32 partial per split, summed after the kernel
+        out_len = spec.split_k * spec.m * spec.c_ld
+    out = np.zeros(out_len)
+    partial = np.zeros(out_len)
+    gx, gy, gz = spec.grid()
+    a_width, a_rows = (t.bk, t.bm) if spec.a_kcontig else (t.bm, t.bk)
+    b_width, b_rows = (t.bk, t.bn) if spec.b_kcontig else (t.bn, t.bk)
+    written = np.zeros(out_len, dtype=int)
+    for z in range(gz):
+        batch, split = z // spec.split_k, z % spec.split_k
+        k_start = split * spec.k_per_split
+        k_end = min(spec.k, k_start + spec.k_per_split)
+        base_a, base_b = batch * spec.batch_stride_a, batch * spec.batch_stride_b
+        base_c = batch * spec.batch_stride_c + split * spec.m * spec.c_ld
+        for by in range(gy):
+            for bx in range(gx):
+                m0, n0 = by * t.bm, bx * t.bn
+                acc = np.zeros((t.warps, t.mi, t.ni, 32, 4))
+                for k0 in range(k_start, k_end, t.bk):
+                    sa = _load_tile(spec.a_addr, a, spec.a_kcontig, a_width, a_rows,
+                                    spec.vec_a, m0, k0, k_end, base_a)
+                    sb = _load_tile(lambda n, k: spec.b_addr(k, n), b, spec.b_kcontig, b_width,
+                                    b_rows, spec.vec_b, n0, k0, k_end, base_b)
+                    for w in range(t.warps):
+                        wm0, wn0 = mp.warp_origin(w, t.wtm, t.wtn, t.warps_n)
+                        for ks in range(0, t.bk, 16):
+                            af = []
+                            for mi in range(t.mi):
+                                r, c = mp.a_ldmatrix(lane, wm0 + mi * 16, ks, spec.a_kcontig)
+                                regs = _ldmatrix(sa, a_width, r, c, not spec.a_kcontig)
+                                af.append(_assemble((16, 16), regs.reshape(32, 8), mp.frag_a))
+                            bf = []
+                            for nj in range(0, t.ni, 2):
+                                r, c = mp.b_ldmatrix(lane, wn0 + nj * 8, ks, spec.b_kcontig)
+                                regs = _ldmatrix(sb, b_width, r, c, not spec.b_kcontig)
+                                for half in range(2):
+                                    elems = regs[:, 2 * half: 2 * half + 2].reshape(32, 4)
+                                    bf.append(_assemble((16, 8), elems, mp.frag_b))
+                            for mi in range(t.mi):
+                                for ni in range(t.ni):
+                                    d = af[mi] @ bf[ni]
+                                    for i in range(4):
+                                        r, c = mp.frag_c(lane, i)
+                                        acc[w, mi, ni, :, i] += d[r, c]
+                for w in range(t.warps):
+                    wm0, wn0 = mp.warp_origin(w, t.wtm, t.wtn, t.warps_n)
+                    for mi in range(t.mi):
+                        for ni in range(t.ni):
+                            for i in range(4):
+                                row, col = mp.c_coords(lane, i, m0 + wm0 + mi * 16,
+                                                       n0 + wn0 + ni * 8)
+                                ok = (row < spec.m) & (col < spec.n)
+                                vals = epilogue(spec, acc[w, mi, ni, :, i], np.minimum(
+                                    col, spec.n - 1), bias, scale)
+                                dst = base_c + spec.c_addr(row[ok], col[ok])
+                                np.add.at(partial, dst, vals[ok])
+                                np.add.at(written, dst, 1)
+    if (written[written > 0] != 1).any():
+        raise AssertionError("two threads store the same output element")
+    if spec.split_k > 1:
+        return partial.reshape(spec.split_k, -1).sum(0)
+    out[:] = partial if spec.epilogue.out == "float32" else round_to(partial, spec.epilogue.out)
+    return out

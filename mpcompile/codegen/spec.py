@@ -1,0 +1,351 @@
+"""Kernel specs: what one generated kernel computes, frozen and validated at construction.
+
+A spec is a GEMM ``C[M, N] = epilogue(A[M, K] @ B[K, N])`` (FP16/BF16 operands, FP32
+accumulation), batched, or a convolution as an implicit GEMM in NHWC activations / KRSC weights:
+
+- ``conv_fprop``: M = N*P*Q, N = K_out, K = R*S*C   (y = conv(x, w))
+- ``conv_dgrad``: M = N*H*W, N = C,     K = R*S*K_out (dx from dy and w)
+- ``conv_wgrad``: M = K_out, N = R*S*C, K = N*P*Q   (dw from dy and x; split-K)
+
+Operands are read through address functions of the GEMM coordinates, written as Python over
+int-like values (see ``expr.py``), so the renderer and the NumPy model share them. Each operand is
+read in chunks of ``vec`` consecutive elements along its contiguous dimension (16-byte
+``cp.async`` for 8, narrower copies for 4 and 2, plain loads for 1); a spec whose shapes or
+strides do not allow its ``vec`` is rejected here.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from .expr import all_of
+
+KERNEL_DTYPES = ("float16", "bfloat16")
+OUT_DTYPES = ("float16", "bfloat16", "float32")
+EPILOGUE_OPS = ("scale", "bias_n", "relu", "gelu", "gelu_tanh", "round")
+LINEAR_OPS = ("scale",)  # the only ops allowed before a split-K reduction
+SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+MAX_SMEM = min(SMEM_LIMIT.values())
+
+
+class SpecError(ValueError):
+    """A kernel spec that cannot be built (says why)."""
+
+
+class Kind(str, enum.Enum):
+    GEMM = "gemm"
+    CONV_FPROP = "conv_fprop"
+    CONV_DGRAD = "conv_dgrad"
+    CONV_WGRAD = "conv_wgrad"
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Threadblock tile and its warps: each warp computes (bm/warps_m) x (bn/warps_n) with
+    m16n8k16 MMAs; ``stages`` shared-memory buffers pipeline the global loads."""
+
+    bm: int = 128
+    bn: int = 128
+    bk: int = 32
+    warps_m: int = 2
+    warps_n: int = 4
+    stages: int = 3
+
+    def __post_init__(self) -> None:
+        if self.bk % 16 or self.bk not in (16, 32, 64):
+            raise SpecError(f"tile bk={self.bk}: must be 16, 32 or 64 (k16 MMAs, 16-byte rows)")
+        if self.bm % (16 * self.warps_m):
+            raise SpecError(f"tile bm={self.bm} is not a multiple of 16 x warps_m={self.warps_m}")
+        if self.bn % (16 * self.warps_n):
+            raise SpecError(f"tile bn={self.bn} is not a multiple of 16 x warps_n={self.warps_n}"
+                            " (each warp loads B fragments in pairs of n8 tiles)")
+        for side in (self.bm, self.bn, self.bk):
+            cpr = side // 8  # 16-byte chunks per shared-memory row: the swizzle needs 2^i or 8j
+            if cpr not in (1, 2, 4) and cpr % 8:
+                raise SpecError(f"tile side {side}: 16-byte chunks per row must be 1, 2, 4 or a "
+                                "multiple of 8 for the shared-memory swizzle")
+        if not 2 <= self.stages <= 6:
+            raise SpecError(f"tile stages={self.stages}: use 2..6")
+        if self.threads > 1024:
+            raise SpecError(f"tile uses {self.threads} threads (> 1024)")
+
+    @property
+    def warps(self) -> int:
+        return self.warps_m * self.warps_n
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def wtm(self) -> int:
+        return self.bm // self.warps_m
+
+    @property
+    def wtn(self) -> int:
+        return self.bn // self.warps_n
+
+    @property
+    def mi(self) -> int:
+        return self.wtm // 16
+
+    @property
+    def ni(self) -> int:
+        return self.wtn // 8
+
+    @property
+    def smem_bytes(self) -> int:
+        return self.stages * (self.bm * self.bk + self.bk * self.bn) * 2
+
+    @property
+    def accumulator_registers(self) -> int:
+        return self.mi * self.ni * 4
+
+
+@dataclass(frozen=True)
+class Conv:
+    """Convolution geometry (groups = 1)."""
+
+    n: int
+    h: int
+    w: int
+    c: int
+    k: int
+    r: int
+    s: int
+    stride: tuple[int, int] = (1, 1)
+    pad: tuple[int, int] = (0, 0)
+    dil: tuple[int, int] = (1, 1)
+
+    def __post_init__(self) -> None:
+        for name in ("n", "h", "w", "c", "k", "r", "s"):
+            if getattr(self, name) < 1:
+                raise SpecError(f"conv {name}={getattr(self, name)} must be >= 1")
+        object.__setattr__(self, "stride", tuple(self.stride))
+        object.__setattr__(self, "pad", tuple(self.pad))
+        object.__setattr__(self, "dil", tuple(self.dil))
+        if self.p < 1 or self.q < 1:
+            raise SpecError(f"conv output would be {self.p}x{self.q}")
+
+    @property
+    def p(self) -> int:
+        return (self.h + 2 * self.pad[0] - self.dil[0] * (self.r - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def q(self) -> int:
+        return (self.w + 2 * self.pad[1] - self.dil[1] * (self.s - 1) - 1) // self.stride[1] + 1
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """Ops on the FP32 accumulator, in order, then the cast to ``out``. ``scale`` multiplies by
+    a runtime FP32 scalar (the loss scale or its inverse: no host sync), ``bias_n`` adds a
+    per-column vector, ``round`` rounds to the operand dtype first (keeps an unfused
+    low-precision result exactly when the output is FP32)."""
+
+    ops: tuple[str, ...] = ()
+    out: str = "float16"
+    bias_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ops", tuple(self.ops))
+        bad = [o for o in self.ops if o not in EPILOGUE_OPS]
+        if bad:
+            raise SpecError(f"epilogue ops {bad} unknown; known: {EPILOGUE_OPS}")
+        if len(set(self.ops)) != len(self.ops):
+            raise SpecError(f"epilogue {self.ops} repeats an op")
+        if self.out not in OUT_DTYPES or self.bias_dtype not in OUT_DTYPES:
+            raise SpecError(f"epilogue dtypes {self.out}/{self.bias_dtype} not in {OUT_DTYPES}")
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One generated kernel. Strides are in elements; the GEMM view's operand layouts are
+    ``row`` (A: K contiguous; B: N contiguous) or ``col`` (A: M contiguous; B: K contiguous)."""
+
+    kind: Kind
+    dtype: str
+    m: int
+    n: int
+    k: int
+    tile: Tile = field(default_factory=Tile)
+    epilogue: Epilogue = field(default_factory=Epilogue)
+    batch: int = 1
+    a_layout: str = "row"
+    b_layout: str = "row"
+    lda: int = 0
+    ldb: int = 0
+    ldc: int = 0
+    batch_stride_a: int = 0
+    batch_stride_b: int = 0
+    batch_stride_c: int = 0
+    conv: Conv | None = None
+    split_k: int = 1
+    vec_a: int = 8
+    vec_b: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", Kind(self.kind))
+        if self.dtype not in KERNEL_DTYPES:
+            raise SpecError(f"dtype {self.dtype}: kernels take {KERNEL_DTYPES} operands")
+        if min(self.m, self.n, self.k, self.batch, self.split_k) < 1:
+            raise SpecError(f"empty problem m={self.m} n={self.n} k={self.k} "
+                            f"batch={self.batch} split_k={self.split_k}")
+        if self.kind is not Kind.GEMM:
+            self._check_conv()
+        else:
+            if self.a_layout not in ("row", "col") or self.b_layout not in ("row", "col"):
+                raise SpecError(f"layouts {self.a_layout}/{self.b_layout}: use row or col")
+            need_a = self.k if self.a_layout == "row" else self.m
+            need_b = self.n if self.b_layout == "row" else self.k
+            if self.lda < need_a or self.ldb < need_b or self.ldc < self.n:
+                raise SpecError(f"leading dimensions lda={self.lda} ldb={self.ldb} "
+                                f"ldc={self.ldc} too small for {self.m}x{self.n}x{self.k}")
+        for name, vec, extent, ld in (("a", self.vec_a, *self._contig("a")),
+                                      ("b", self.vec_b, *self._contig("b"))):
+            if vec not in (1, 2, 4, 8):
+                raise SpecError(f"vec_{name}={vec}: use 1, 2, 4 or 8 elements")
+            if extent % vec or ld % vec:
+                raise SpecError(
+                    f"vec_{name}={vec} does not divide operand {name}'s contiguous extent "
+                    f"{extent} and stride {ld}: chunks would straddle rows (use a smaller vec)")
+        if self.split_k > 1:
+            if any(o not in LINEAR_OPS for o in self.epilogue.ops) or \
+                    self.epilogue.out != "float32" or self.batch > 1:
+                raise SpecError("split-K writes FP32 partials that are summed afterwards: only "
+                                f"linear epilogue ops {LINEAR_OPS}, a float32 output, no batch")
+        if self.tile.smem_bytes > MAX_SMEM:
+            raise SpecError(f"tile needs {self.tile.smem_bytes} B of shared memory "
+                            f"(> {MAX_SMEM} on sm_80)")
+        if self.tile.accumulator_registers > 128:
+            raise SpecError(f"warp tile needs {self.tile.accumulator_registers} accumulator "
+                            "registers per thread (> 128 leaves too few for the rest)")
+
+    def _check_conv(self) -> None:
+        cv = self.conv
+        if cv is None:
+            raise SpecError(f"{self.kind.value} needs conv geometry")
+        want = {
+            Kind.CONV_FPROP: (cv.n * cv.p * cv.q, cv.k, cv.r * cv.s * cv.c),
+            Kind.CONV_DGRAD: (cv.n * cv.h * cv.w, cv.c, cv.r * cv.s * cv.k),
+            Kind.CONV_WGRAD: (cv.k, cv.r * cv.s * cv.c, cv.n * cv.p * cv.q),
+        }[self.kind]
+        if (self.m, self.n, self.k) != want:
+            raise SpecError(f"{self.kind.value}: m, n, k must be {want} for {cv}, got "
+                            f"{(self.m, self.n, self.k)}")
+        if self.batch != 1:
+            raise SpecError("convolutions are not batched (the batch is in M or K)")
+
+    def _contig(self, operand: str) -> tuple[int, int]:
+        """(extent of the operand's contiguous dimension, its row stride) for alignment."""
+        cv = self.conv
+        if self.kind is Kind.GEMM:
+            if operand == "a":
+                return (self.k if self.a_layout == "row" else self.m), self.lda
+            return (self.n if self.b_layout == "row" else self.k), self.ldb
+        table = {
+            (Kind.CONV_FPROP, "a"): (cv.c, cv.c), (Kind.CONV_FPROP, "b"): (cv.c, cv.c),
+            (Kind.CONV_DGRAD, "a"): (cv.k, cv.k), (Kind.CONV_DGRAD, "b"): (cv.c, cv.c),
+            (Kind.CONV_WGRAD, "a"): (cv.k, cv.k), (Kind.CONV_WGRAD, "b"): (cv.c, cv.c),
+        }
+        return table[(self.kind, operand)]
+
+    # -- the GEMM view ------------------------------------------------------------------------
+
+    @property
+    def a_kcontig(self) -> bool:
+        """Is A read as a K-contiguous tile ([bm][bk]) or an M-contiguous one ([bk][bm])?"""
+        if self.kind is Kind.GEMM:
+            return self.a_layout == "row"
+        return self.kind is not Kind.CONV_WGRAD
+
+    @property
+    def b_kcontig(self) -> bool:
+        if self.kind is Kind.GEMM:
+            return self.b_layout == "col"
+        return self.kind is Kind.CONV_FPROP
+
+    @property
+    def k_per_split(self) -> int:
+        steps = -(-self.k // self.tile.bk)
+        return -(-steps // self.split_k) * self.tile.bk
+
+    def grid(self) -> tuple[int, int, int]:
+        return (-(-self.n // self.tile.bn), -(-self.m // self.tile.bm),
+                self.batch * self.split_k)
+
+    def a_addr(self, m, k):
+        """(element offset of A[m, k], is it inside the problem), for int-like m, k."""
+        cv = self.conv
+        inside = all_of(m < self.m, k < self.k)
+        if self.kind is Kind.GEMM:
+            off = m * self.lda + k if self.a_layout == "row" else k * self.lda + m
+            return off, inside
+        if self.kind is Kind.CONV_FPROP:  # x[n, h, w, c], m=(n,p,q), k=(r,s,c)
+            n_, pq = m // (cv.p * cv.q), m % (cv.p * cv.q)
+            p, q = pq // cv.q, pq % cv.q
+            r, sc = k // (cv.s * cv.c), k % (cv.s * cv.c)
+            s, c = sc // cv.c, sc % cv.c
+            h = p * cv.stride[0] - cv.pad[0] + r * cv.dil[0]
+            w = q * cv.stride[1] - cv.pad[1] + s * cv.dil[1]
+            ok = all_of(inside, h >= 0, h < cv.h, w >= 0, w < cv.w)
+            return ((n_ * cv.h + h) * cv.w + w) * cv.c + c, ok
+        if self.kind is Kind.CONV_DGRAD:  # dy[n, p, q, k], m=(n,h,w), k=(r,s,ko)
+            n_, hw = m // (cv.h * cv.w), m % (cv.h * cv.w)
+            h, w = hw // cv.w, hw % cv.w
+            r, sk = k // (cv.s * cv.k), k % (cv.s * cv.k)
+            s, ko = sk // cv.k, sk % cv.k
+            hh = h + cv.pad[0] - r * cv.dil[0]
+            ww = w + cv.pad[1] - s * cv.dil[1]
+            p, q = hh // cv.stride[0], ww // cv.stride[1]
+            ok = all_of(inside, hh >= 0, ww >= 0, hh % cv.stride[0] == 0,
+                        ww % cv.stride[1] == 0, p < cv.p, q < cv.q)
+            return ((n_ * cv.p + p) * cv.q + q) * cv.k + ko, ok
+        # wgrad: dy[(n,p,q), ko], m=ko, k=(n,p,q): M-contiguous
+        return k * cv.k + m, inside
+
+    def b_addr(self, k, n):
+        """(element offset of B[k, n], is it inside the problem)."""
+        cv = self.conv
+        inside = all_of(k < self.k, n < self.n)
+        if self.kind is Kind.GEMM:
+            off = k * self.ldb + n if self.b_layout == "row" else n * self.ldb + k
+            return off, inside
+        if self.kind is Kind.CONV_FPROP:  # w[ko, r, s, c] with n=ko, k=(r,s,c)
+            return n * (cv.r * cv.s * cv.c) + k, inside
+        if self.kind is Kind.CONV_DGRAD:  # w[ko, r, s, c] with k=(r,s,ko), n=c
+            r, sk = k // (cv.s * cv.k), k % (cv.s * cv.k)
+            s, ko = sk // cv.k, sk % cv.k
+            return ((ko * cv.r + r) * cv.s + s) * cv.c + n, inside
+        # wgrad: x[n, h, w, c] with k=(n,p,q), n=(r,s,c)
+        n_, pq = k // (cv.p * cv.q), k % (cv.p * cv.q)
+        p, q = pq // cv.q, pq % cv.q
+        r, sc = n // (cv.s * cv.c), n % (cv.s * cv.c)
+        s, c = sc // cv.c, sc % cv.c
+        h = p * cv.stride[0] - cv.pad[0] + r * cv.dil[0]
+        w = q * cv.stride[1] - cv.pad[1] + s * cv.dil[1]
+        ok = all_of(inside, h >= 0, h < cv.h, w >= 0, w < cv.w)
+        return ((n_ * cv.h + h) * cv.w + w) * cv.c + c, ok
+
+    def c_addr(self, m, n):
+        """Element offset of C[m, n] (row-major with ldc; NHWC / KRSC for convolutions)."""
+        return m * self.c_ld + n
+
+    @property
+    def c_ld(self) -> int:
+        return self.ldc if self.kind is Kind.GEMM else self.n
+
+    # -- identity ------------------------------------------------------------------------------
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["kind"] = self.kind.value
+        return d
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
+        return f"mpk_{self.kind.value}_{self.dtype}_{digest[:12]}"

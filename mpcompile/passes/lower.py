@@ -1,0 +1,305 @@
+"""Stage 5: matmuls and convolutions -> generated tensor-core kernels (``KernelCall`` modules).
+
+Every low-precision ``mm`` / ``addmm`` / ``bmm`` / ``convolution`` / ``convolution_backward``
+becomes a ``call_module`` to a :class:`~mpcompile.runtime.kernel.KernelCall` holding a
+:class:`~mpcompile.codegen.spec.KernelSpec` specialised to its shapes and strides. What follows
+it on a single-user chain is fused into the epilogue:
+
+- ``relu`` / ``gelu`` on the FP32 accumulator;
+- 2-D transposes (``t``, ``permute [1, 0]``): the kernel computes the transposed product
+  instead (operands swapped, layouts flipped);
+- a cast to FP32: the output is written in FP32 after one rounding to the operand dtype (``round``),
+  so the values are exactly those of the unfused cast;
+- a multiplication by an FP32 0-dim tensor (the inverse loss scale when unscaling gradients):
+  ``scale``, read on the device.
+
+``Policy(kernels="auto")`` lowers graphs that run on CUDA; ``"on"`` lowers anywhere (the
+reference contract runs off-GPU, e.g. to test the lowering on CPU); ``"off"`` never. A node that
+cannot be lowered keeps its torch op, with the reason in its record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from ..codegen.spec import Conv, Epilogue, KernelSpec, Kind, SpecError, Tile
+from ..meta import MP, NodeRecord, dtype_name, is_getitem, record, update, val_dtype
+from ..runtime.kernel import ConvArgs, KernelCall
+from .context import Context
+
+aten = torch.ops.aten
+LOWERABLE = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convolution.default,
+             aten.convolution_backward.default)
+_LOW = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_TRANSPOSES = (aten.t.default, aten.permute.default, aten.transpose.int)
+
+TILES = {  # the configurations the lowering chooses from (and the autotuner times)
+    "large": Tile(128, 128, 32, 2, 4, 3),
+    "medium": Tile(64, 128, 32, 2, 2, 3),
+    "small": Tile(64, 64, 32, 2, 2, 3),
+    "tiny": Tile(32, 32, 32, 1, 2, 2),
+}
+
+
+def choose_tile(m: int, n: int) -> Tile:
+    if m >= 1024 and n >= 1024:
+        return TILES["large"]
+    if m >= 256 and n >= 128:
+        return TILES["medium"]
+    if m >= 64 and n >= 64:
+        return TILES["small"]
+    return TILES["tiny"]
+
+
+def enabled(ctx: Context) -> bool:
+    mode = ctx.policy.kernels
+    return mode == "on" or (mode == "auto" and ctx.device_type == "cuda")
+
+
+def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
+    from ..meta import copy_module
+
+    gm = copy_module(gm)
+    if not enabled(ctx):
+        return gm
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in LOWERABLE:
+            continue
+        try:
+            lowered = _lower(gm, node, count)
+        except SpecError as e:
+            lowered = f"no kernel spec fits: {e}"
+        if isinstance(lowered, str):
+            update(node, decision=(record(node).decision + "; " if record(node).decision else "")
+                   + f"kept the torch op: {lowered}")
+        else:
+            count += lowered
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+# --- operands ---------------------------------------------------------------------------------
+
+
+def _val(n: fx.Node) -> torch.Tensor:
+    return n.meta["val"]
+
+
+def _layout(t: torch.Tensor) -> tuple[str, int]:
+    """("row" | "col", leading dimension) of a 2-D (or last-two-dims) view."""
+    rows, cols = t.shape[-2], t.shape[-1]
+    s0, s1 = t.stride()[-2], t.stride()[-1]
+    if s1 == 1 or cols == 1:
+        return "row", s0 if s0 >= cols and rows > 1 else cols
+    if s0 == 1 or rows == 1:
+        return "col", s1 if s1 >= rows and cols > 1 else rows
+    return "row", cols  # neither: the kernel module makes it contiguous at run time
+
+
+def _vec(*extents: int) -> int:
+    for v in (8, 4, 2, 1):
+        if all(e % v == 0 for e in extents):
+            return v
+    return 1
+
+
+def _epilogue_chain(node: fx.Node, low: str, allow_transpose: bool):
+    """Follow single-user fusible ops after ``node``: (ops, out dtype, transposed, scale node,
+    last node, fused nodes)."""
+    ops: list[str] = []
+    out, transposed, scale, last, fused = low, False, None, node, []
+    while len(last.users) == 1:
+        (u,) = last.users
+        if u.op != "call_function":
+            break
+        if u.target is aten.relu.default and not ops and out == low:
+            ops.append("relu")
+        elif u.target is aten.gelu.default and not ops and out == low:
+            ops.append("gelu_tanh" if u.kwargs.get("approximate") == "tanh" else "gelu")
+        elif allow_transpose and u.target in _TRANSPOSES and _val(u).dim() == 2 and \
+                (u.target is aten.t.default or list(u.args[1:]) in ([[1, 0]], [0, 1], [1, 0])):
+            transposed = not transposed
+        elif u.target is aten._to_copy.default and set(u.kwargs) == {"dtype"} and \
+                u.kwargs["dtype"] is torch.float32 and out == low:
+            ops.append("round")
+            out = "float32"
+        elif (u.target is aten.mul.Tensor and out == "float32" and scale is None
+              and isinstance(u.args[1], fx.Node) and u.args[0] is last
+              and _val(u.args[1]).dim() == 0 and val_dtype(u.args[1]) is torch.float32):
+            ops.append("scale")
+            scale = u.args[1]
+        else:
+            break
+        fused.append(u)
+        last = u
+    # every fused op is element-wise, so it commutes with the transposes: an odd number of
+    # them means the kernel computes the transposed product
+    return ops, out, transposed, scale, last, fused
+
+
+# --- per op -----------------------------------------------------------------------------------
+
+
+def _lower(gm: fx.GraphModule, node: fx.Node, idx: int) -> int | str:
+    if node.target is aten.convolution_backward.default:
+        return _lower_conv_backward(gm, node, idx)
+    low = _LOW.get(val_dtype(node))
+    if low is None:
+        return f"it computes in {dtype_name(val_dtype(node))}, not float16/bfloat16"
+    if node.target is aten.convolution.default:
+        return _lower_conv(gm, node, idx, low)
+    return _lower_gemm(gm, node, idx, low)
+
+
+def _lower_gemm(gm, node, idx, low) -> int | str:
+    bias = None
+    if node.target is aten.addmm.default:
+        bias, a, b = node.args[:3]
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return "addmm with beta/alpha != 1"
+        if _val(bias).dim() != 1:
+            return f"addmm bias of shape {tuple(_val(bias).shape)} (only a per-column vector)"
+    else:
+        a, b = node.args[:2]
+    va, vb = _val(a), _val(b)
+    batched = va.dim() == 3
+    ops, out, transposed, scale, last, fused = _epilogue_chain(
+        node, low, allow_transpose=not batched and bias is None)
+    if transposed:  # C^T = B^T A^T: swap the operands, flip their layouts
+        a, b, va, vb = b, a, vb.transpose(-1, -2), va.transpose(-1, -2)
+    (al, lda), (bl, ldb) = _layout(va), _layout(vb)
+    m, k, n = va.shape[-2], va.shape[-1], vb.shape[-1]
+    if bias is not None:
+        ops = ["bias_n", *ops]
+    spec = KernelSpec(
+        Kind.GEMM, low, m, n, k, tile=choose_tile(m, n),
+        epilogue=Epilogue(tuple(ops), out, dtype_name(val_dtype(bias)) if bias is not None
+                          else low),
+        batch=va.shape[0] if batched else 1, a_layout=al, b_layout=bl, lda=lda, ldb=ldb,
+        ldc=n, batch_stride_a=va.stride()[0] if batched else 0,
+        batch_stride_b=vb.stride()[0] if batched else 0,
+        batch_stride_c=m * n if batched else 0,
+        vec_a=_vec(k if al == "row" else m, lda), vec_b=_vec(n if bl == "row" else k, ldb))
+    if transposed:
+        a_arg, b_arg = _transposed_view(gm, node, a), _transposed_view(gm, node, b)
+    else:
+        a_arg, b_arg = a, b
+    args = [a_arg, b_arg] + ([bias] if bias is not None else []) + ([scale] if scale else [])
+    _replace(gm, node, last, fused, KernelCall(spec, "gemm", bias is not None, scale is not None),
+             args, idx)
+    return 1
+
+
+def _transposed_view(gm, at: fx.Node, x: fx.Node) -> fx.Node:
+    with gm.graph.inserting_before(at):
+        v = gm.graph.call_function(aten.t.default, (x,))
+    v.meta["val"] = _val(x).t()
+    v.meta[MP] = NodeRecord("lower", precision=val_dtype(x), decided_by="lower",
+                            decision="transposed view: the kernel computes the transposed "
+                                     "product")
+    return v
+
+
+def _lower_conv(gm, node, idx, low) -> int | str:
+    x, w, bias, stride, padding, dilation, transposed, _, groups = node.args[:9]
+    if transposed or groups != 1 or _val(x).dim() != 4:
+        return "only 2-D, non-transposed, groups=1 convolutions have kernels"
+    cv = _conv(_val(x), _val(w), stride, padding, dilation)
+    ops, out, _, scale, last, fused = _epilogue_chain(node, low, allow_transpose=False)
+    if bias is not None:
+        ops = ["bias_n", *ops]
+    spec = KernelSpec(Kind.CONV_FPROP, low, cv.n * cv.p * cv.q, cv.k, cv.r * cv.s * cv.c,
+                      tile=choose_tile(cv.n * cv.p * cv.q, cv.k),
+                      epilogue=Epilogue(tuple(ops), out, low), conv=cv,
+                      vec_a=_vec(cv.c), vec_b=_vec(cv.c))
+    args = [x, w] + ([bias] if bias is not None else []) + ([scale] if scale else [])
+    call = KernelCall(spec, "conv", bias is not None, scale is not None,
+                      ConvArgs(cv.stride, cv.pad, cv.dil))
+    _replace(gm, node, last, fused, call, args, idx)
+    return 1
+
+
+def _conv(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> Conv:
+    return Conv(x.shape[0], x.shape[2], x.shape[3], x.shape[1], w.shape[0], w.shape[2],
+                w.shape[3], tuple(stride), tuple(padding), tuple(dilation))
+
+
+def _lower_conv_backward(gm, node, idx) -> int | str:
+    go, x, w, _, stride, padding, dilation, transposed, _, groups, mask = node.args[:11]
+    low = _LOW.get(val_dtype(go))
+    if low is None:
+        return f"it computes in {dtype_name(val_dtype(go))}, not float16/bfloat16"
+    if transposed or groups != 1 or _val(x).dim() != 4:
+        return "only 2-D, non-transposed, groups=1 convolutions have kernels"
+    cv = _conv(_val(x), _val(w), stride, padding, dilation)
+    getitems = {u.args[1]: u for u in node.users if is_getitem(u)}
+    g = gm.graph
+    made = 0
+    conv_args = ConvArgs(cv.stride, cv.pad, cv.dil, tuple(_val(x).shape), tuple(_val(w).shape))
+    if mask[0] and 0 in getitems:
+        spec = KernelSpec(Kind.CONV_DGRAD, low, cv.n * cv.h * cv.w, cv.c, cv.r * cv.s * cv.k,
+                          tile=choose_tile(cv.n * cv.h * cv.w, cv.c),
+                          epilogue=Epilogue((), low, low), conv=cv,
+                          vec_a=_vec(cv.k), vec_b=_vec(cv.c))
+        _replace(gm, getitems[0], getitems[0], [], KernelCall(spec, "dgrad", False, False,
+                                                               conv_args), [go, w], idx + made)
+        made += 1
+    if mask[1] and 1 in getitems:
+        k_gemm = cv.n * cv.p * cv.q
+        split = max(1, min(32, k_gemm // 4096))
+        spec = KernelSpec(Kind.CONV_WGRAD, low, cv.k, cv.r * cv.s * cv.c, k_gemm,
+                          tile=choose_tile(cv.k, cv.r * cv.s * cv.c),
+                          epilogue=Epilogue((), "float32" if split > 1 else low, low),
+                          conv=cv, split_k=split, vec_a=_vec(cv.k), vec_b=_vec(cv.c))
+        call = KernelCall(spec, "wgrad", False, False, conv_args, final=low)
+        _replace(gm, getitems[1], getitems[1], [], call, [go, x], idx + made)
+        made += 1
+    if mask[2] and 2 in getitems:  # the bias gradient stays a reduction over N, H, W
+        gi = getitems[2]
+        with g.inserting_before(gi):
+            s = g.call_function(aten.sum.dim_IntList, (go, [0, 2, 3]))
+        s.meta.update(gi.meta)
+        s.meta[MP] = dataclasses.replace(record(gi), created_by="lower",
+                                         decision="bias gradient of the lowered convolution")
+        gi.replace_all_uses_with(s)
+        g.erase_node(gi)
+    for gi in [u for u in node.users if is_getitem(u) and not u.users]:
+        g.erase_node(gi)  # outputs nobody reads (masked, or a bias the conv does not have)
+    if not node.users:
+        g.erase_node(node)
+    return made if made else "no output of it is used"
+
+
+def _replace(gm, first: fx.Node, last: fx.Node, fused: list[fx.Node], call: KernelCall,
+             args: list, idx: int) -> None:
+    """Put ``call`` where ``last`` was; remove ``first`` .. ``last``."""
+    name = f"kernel{idx}_{call.spec.kind.value}"
+    gm.add_submodule(name, call)
+    g = gm.graph
+    with g.inserting_before(last):
+        new = g.call_module(name, tuple(args))
+    new.meta["val"] = last.meta["val"]
+    base = record(first)
+    fused_names = ", ".join(f.name for f in fused)
+    t = call.spec.tile
+    new.meta[MP] = dataclasses.replace(
+        base, created_by="lower", decided_by="lower",
+        precision=val_dtype(first) if not is_getitem(first) else base.precision,
+        decision=(f"lowered {first.name} ({first.target}) to generated kernel "
+                  f"{call.spec.name}: tile {t.bm}x{t.bn}x{t.bk}, {t.warps} warps, "
+                  f"{t.stages} stages, epilogue {list(call.spec.epilogue.ops)} -> "
+                  f"{call.spec.epilogue.out}"
+                  + (f", split-K {call.spec.split_k}" if call.spec.split_k > 1 else "")
+                  + (f"; fused {fused_names}" if fused_names else "")))
+    last.replace_all_uses_with(new)
+    for n in reversed([first, *fused]):  # the chain, last first: each is unused by then
+        if not n.users:
+            g.erase_node(n)
+
+
+__all__ = ["LOWERABLE", "TILES", "choose_tile", "enabled", "run"]

@@ -1,0 +1,1 @@
+"""Compile, cache, load and launch generated kernels; the CPU reference of the same contract."""

@@ -1,0 +1,168 @@
+"""``KernelCall``: the module a lowered graph calls in place of a matmul or convolution.
+
+On a CUDA tensor it runs the generated kernel (compiled on first use for the device's arch,
+cached on disk); anywhere else, under fake tensors, or if compiling/launching fails, it computes
+the same contract with torch (``reference.py``) and says why (``backend`` and a log line once):
+never a silent wrong answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from ..codegen.render import render_source
+from ..codegen.spec import KernelSpec, Kind
+from . import reference
+
+log = logging.getLogger("mpcompile.kernels")
+_DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ConvArgs:
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    input_shape: tuple[int, ...] = ()
+    weight_shape: tuple[int, ...] = ()
+
+
+class KernelCall(torch.nn.Module):
+    """``role``: "gemm" (args a, b[, bias][, scale]), "conv" (x, w[, bias][, scale]), "dgrad"
+    (grad_out, w[, scale]) or "wgrad" (grad_out, x[, scale])."""
+
+    def __init__(self, spec: KernelSpec, role: str, has_bias: bool, has_scale: bool,
+                 conv: ConvArgs | None = None, final: str | None = None):
+        super().__init__()
+        self.spec = spec
+        # the dtype the graph expects: split-K results are summed in FP32, then rounded once
+        self.final = _DT[final or spec.epilogue.out]
+        self.role = role
+        self.has_bias = has_bias
+        self.has_scale = has_scale
+        self.conv = conv
+        self.backend = "not run yet"
+        self._loaded: dict = {}
+        self._failed: str | None = None
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.name}, role={self.role}, backend={self.backend!r}"
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def forward(self, *args):
+        x, y, rest = args[0], args[1], list(args[2:])
+        bias = rest.pop(0) if self.has_bias else None
+        scale = rest.pop(0) if self.has_scale else None
+        reason = self._why_not_gpu(x, y)
+        if reason is None:
+            try:
+                out = self._gpu(x, y, bias, scale).to(self.final)
+                self.backend = "generated kernel"
+                return out
+            except Exception as e:  # noqa: BLE001 - fall back loudly, never silently wrong
+                self._failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                log.warning("kernel %s failed (%s); running the torch reference instead",
+                            self.spec.name, self._failed)
+                reason = self._failed
+        if not is_fake(x):
+            self.backend = f"reference ({reason})"
+        return self._reference(x, y, bias, scale).to(self.final)
+
+    def _why_not_gpu(self, x: torch.Tensor, y: torch.Tensor) -> str | None:
+        if is_fake(x) or is_fake(y):
+            return "fake tensors"
+        if not x.is_cuda:
+            return f"tensors on {x.device.type}, no GPU"
+        if self._failed:
+            return self._failed
+        from . import nvrtc
+
+        if not nvrtc.available():
+            return "NVRTC not installed (pip install mpcompile[gpu])"
+        return None
+
+    # -- reference -----------------------------------------------------------------------------
+
+    def _reference(self, x, y, bias, scale):
+        sp, ep, cv = self.spec, self.spec.epilogue, self.conv
+        if self.role == "gemm":
+            return reference.gemm(x, y, ep, sp.dtype, bias, scale)
+        if self.role == "conv":
+            return reference.conv_fprop(x, y, ep, sp.dtype, cv.stride, cv.padding,
+                                        cv.dilation, bias, scale)
+        if self.role == "dgrad":
+            return reference.conv_dgrad(x, y, cv.input_shape, ep, sp.dtype, cv.stride,
+                                        cv.padding, cv.dilation, scale)
+        return reference.conv_wgrad(x, y, cv.weight_shape, ep, sp.dtype, cv.stride,
+                                    cv.padding, cv.dilation, scale)
+
+    # -- GPU -------------------------------------------------------------------------------------
+
+    def _kernel(self, device: torch.device):
+        from .launch import Loaded, device_arch
+        from .nvrtc import compile_cubin
+
+        key = (device.index,)
+        if key not in self._loaded:
+            compiled = compile_cubin(render_source(self.spec), self.spec.name,
+                                     device_arch(device))
+            self._loaded[key] = Loaded(self.spec, compiled, device)
+        return self._loaded[key]
+
+    def _gpu(self, x, y, bias, scale):
+        sp, dev = self.spec, x.device
+        out_dtype = _DT[sp.epilogue.out]
+        splits = (sp.split_k,) if sp.split_k > 1 else ()  # FP32 partials, summed below
+        if bias is not None:
+            bias = bias.contiguous()
+        if scale is not None:
+            scale = scale.to(torch.float32).contiguous()
+        if self.role == "gemm":
+            a, b = self._operand(x, "a"), self._operand(y, "b")
+            shape = (sp.batch, sp.m, sp.n) if sp.batch > 1 else (sp.m, sp.n)
+            c = torch.empty(splits + shape, dtype=out_dtype, device=dev)
+            self._kernel(dev)(a, b, c, bias, scale)
+            return c.sum(0) if splits else c
+        cv = sp.conv
+        nhwc = lambda t: t.permute(0, 2, 3, 1).contiguous()  # noqa: E731
+        shape = {"conv": (cv.n, cv.p, cv.q, cv.k), "dgrad": (cv.n, cv.h, cv.w, cv.c),
+                 "wgrad": (cv.k, cv.r, cv.s, cv.c)}[self.role]
+        c = torch.empty(splits + shape, dtype=out_dtype, device=dev)
+        self._kernel(dev)(nhwc(x), nhwc(y), c, bias if self.role == "conv" else None, scale)
+        if splits:
+            c = c.sum(0)
+        return c.permute(0, 3, 1, 2)
+
+    def _operand(self, t: torch.Tensor, which: str) -> torch.Tensor:
+        """The operand with the strides the kernel was generated for (a copy only if the
+        runtime tensor's layout differs from the captured one)."""
+        sp = self.spec
+        layout = sp.a_layout if which == "a" else sp.b_layout
+        ld = sp.lda if which == "a" else sp.ldb
+        # row: element [i, j] at i*ld + j; col: at j*ld + i (for A [m, k] and B [k, n] alike)
+        ld_dim = -2 if layout == "row" else -1
+        want_stride = [0] * t.dim()
+        want_stride[ld_dim] = ld
+        want_stride[-1 if ld_dim == -2 else -2] = 1
+        if t.dim() == 3:
+            want_stride[0] = sp.batch_stride_a if which == "a" else sp.batch_stride_b
+        if list(t.stride()) != want_stride or t.data_ptr() % 16:
+            fixed = (t.contiguous() if layout == "row"
+                     else t.transpose(-1, -2).contiguous().transpose(-1, -2))
+            if list(fixed.stride()) != want_stride:
+                raise ValueError(f"operand {which} strides {tuple(t.stride())} do not match "
+                                 f"the kernel's {tuple(want_stride)}")
+            return fixed
+        return t
+
+
+def is_kernel_module(m: object) -> bool:
+    return isinstance(m, KernelCall)
+
+
+__all__ = ["ConvArgs", "Kind", "KernelCall", "is_kernel_module"]
