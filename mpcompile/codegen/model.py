@@ -178,3 +178,32 @@ def run(spec: KernelSpec, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None 
         return partial.reshape(spec.split_k, -1).sum(0)
     out[:] = partial if spec.epilogue.out == "float32" else round_to(partial, spec.epilogue.out)
     return out
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """The memory a kernel sees from ``t.data_ptr()``: a flat view over the span of ``t``."""
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return torch.as_strided(t, (span,), (1,), t.storage_offset())
+
+
+class ModelLauncher:
+    """Stands in for ``runtime.launch.Loaded`` (same call): runs the NumPy model on the raw
+    memory of the tensors a launch would pass, and writes the output buffer the way the kernel
+    does. Lets the GPU code path (operand layouts, NHWC conversions, split-K sums) be tested
+    on a CPU."""
+
+    def __init__(self, spec: KernelSpec, *_):
+        self.spec = spec
+
+    def __call__(self, a, b, c, bias=None, scale=None) -> None:
+        sp = self.spec
+        out = run(sp, _raw(a).double().numpy(), _raw(b).double().numpy(),
+                  bias=None if bias is None else bias.double().numpy(),
+                  scale=1.0 if scale is None else float(scale))
+        dst = _raw(c)
+        if sp.split_k > 1:  # the kernel writes per-split partials; the model returns the sum
+            dst.zero_()
+            dst[: out.size] = torch.from_numpy(out).to(c.dtype)
+        else:
+            written = torch.from_numpy(out[: dst.numel()]).to(c.dtype)
+            dst.copy_(written)

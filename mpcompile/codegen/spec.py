@@ -31,6 +31,14 @@ SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 MAX_SMEM = min(SMEM_LIMIT.values())
 
 
+def widest_vec(*extents: int) -> int:
+    """The widest copy (8, 4, 2 or 1 elements) that divides every extent and stride given."""
+    for v in (8, 4, 2, 1):
+        if all(e % v == 0 for e in extents):
+            return v
+    return 1
+
+
 class SpecError(ValueError):
     """A kernel spec that cannot be built (says why)."""
 

@@ -25,7 +25,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from ..codegen.spec import Conv, Epilogue, KernelSpec, Kind, SpecError, Tile
+from ..codegen.spec import Conv, Epilogue, KernelSpec, Kind, SpecError, Tile, widest_vec
 from ..meta import MP, NodeRecord, dtype_name, is_getitem, record, update, val_dtype
 from ..runtime.kernel import ConvArgs, KernelCall
 from .context import Context
@@ -99,13 +99,6 @@ def _layout(t: torch.Tensor) -> tuple[str, int]:
     if s0 == 1 or rows == 1:
         return "col", s1 if s1 >= rows and cols > 1 else rows
     return "row", cols  # neither: the kernel module makes it contiguous at run time
-
-
-def _vec(*extents: int) -> int:
-    for v in (8, 4, 2, 1):
-        if all(e % v == 0 for e in extents):
-            return v
-    return 1
 
 
 def _epilogue_chain(node: fx.Node, low: str, allow_transpose: bool):
@@ -184,7 +177,8 @@ def _lower_gemm(gm, node, idx, low) -> int | str:
         ldc=n, batch_stride_a=va.stride()[0] if batched else 0,
         batch_stride_b=vb.stride()[0] if batched else 0,
         batch_stride_c=m * n if batched else 0,
-        vec_a=_vec(k if al == "row" else m, lda), vec_b=_vec(n if bl == "row" else k, ldb))
+        vec_a=widest_vec(k if al == "row" else m, lda),
+        vec_b=widest_vec(n if bl == "row" else k, ldb))
     if transposed:
         a_arg, b_arg = _transposed_view(gm, node, a), _transposed_view(gm, node, b)
     else:
@@ -216,7 +210,7 @@ def _lower_conv(gm, node, idx, low) -> int | str:
     spec = KernelSpec(Kind.CONV_FPROP, low, cv.n * cv.p * cv.q, cv.k, cv.r * cv.s * cv.c,
                       tile=choose_tile(cv.n * cv.p * cv.q, cv.k),
                       epilogue=Epilogue(tuple(ops), out, low), conv=cv,
-                      vec_a=_vec(cv.c), vec_b=_vec(cv.c))
+                      vec_a=widest_vec(cv.c), vec_b=widest_vec(cv.c))
     args = [x, w] + ([bias] if bias is not None else []) + ([scale] if scale else [])
     call = KernelCall(spec, "conv", bias is not None, scale is not None,
                       ConvArgs(cv.stride, cv.pad, cv.dil))
@@ -245,7 +239,7 @@ def _lower_conv_backward(gm, node, idx) -> int | str:
         spec = KernelSpec(Kind.CONV_DGRAD, low, cv.n * cv.h * cv.w, cv.c, cv.r * cv.s * cv.k,
                           tile=choose_tile(cv.n * cv.h * cv.w, cv.c),
                           epilogue=Epilogue((), low, low), conv=cv,
-                          vec_a=_vec(cv.k), vec_b=_vec(cv.c))
+                          vec_a=widest_vec(cv.k), vec_b=widest_vec(cv.c))
         _replace(gm, getitems[0], getitems[0], [], KernelCall(spec, "dgrad", False, False,
                                                                conv_args), [go, w], idx + made)
         made += 1
@@ -255,7 +249,8 @@ def _lower_conv_backward(gm, node, idx) -> int | str:
         spec = KernelSpec(Kind.CONV_WGRAD, low, cv.k, cv.r * cv.s * cv.c, k_gemm,
                           tile=choose_tile(cv.k, cv.r * cv.s * cv.c),
                           epilogue=Epilogue((), "float32" if split > 1 else low, low),
-                          conv=cv, split_k=split, vec_a=_vec(cv.k), vec_b=_vec(cv.c))
+                          conv=cv, split_k=split, vec_a=widest_vec(cv.k),
+                          vec_b=widest_vec(cv.c))
         call = KernelCall(spec, "wgrad", False, False, conv_args, final=low)
         _replace(gm, getitems[1], getitems[1], [], call, [go, x], idx + made)
         made += 1

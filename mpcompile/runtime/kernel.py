@@ -8,6 +8,7 @@ never a silent wrong answer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -46,6 +47,9 @@ class KernelCall(torch.nn.Module):
         self.has_scale = has_scale
         self.conv = conv
         self.backend = "not run yet"
+        self.autotune = True  # on the first CUDA call: time the tile presets and the library
+        self.choice: str | None = None  # "kernel" or "library" once tuned
+        self.timings: dict[str, float] = {}  # candidate -> milliseconds
         self._loaded: dict = {}
         self._failed: str | None = None
 
@@ -61,8 +65,13 @@ class KernelCall(torch.nn.Module):
         reason = self._why_not_gpu(x, y)
         if reason is None:
             try:
+                if self.autotune and self.choice is None:
+                    self._tune(x, y, bias, scale)
+                if self.choice == "library":
+                    return self._library(x, y, bias, scale).to(self.final)
                 out = self._gpu(x, y, bias, scale).to(self.final)
-                self.backend = "generated kernel"
+                if self.choice is None:
+                    self.backend = "generated kernel"
                 return out
             except Exception as e:  # noqa: BLE001 - fall back loudly, never silently wrong
                 self._failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -102,6 +111,71 @@ class KernelCall(torch.nn.Module):
                                     cv.padding, cv.dilation, scale)
 
     # -- GPU -------------------------------------------------------------------------------------
+
+    def _library(self, x, y, bias, scale):
+        """The same op through torch's CUDA libraries (cuBLAS/cuDNN) in the operand dtype, then
+        the epilogue in FP32 (one extra rounding, before the epilogue)."""
+        sp, cv = self.spec, self.conv
+        if self.role == "gemm":
+            acc = torch.matmul(x, y)
+        elif self.role == "conv":
+            acc = torch.nn.functional.conv2d(x, y, None, cv.stride, cv.padding, cv.dilation)
+        elif self.role == "dgrad":
+            acc = torch.nn.grad.conv2d_input(list(cv.input_shape), y, x, cv.stride,
+                                             cv.padding, cv.dilation)
+        else:
+            acc = torch.nn.grad.conv2d_weight(y, list(cv.weight_shape), x, cv.stride,
+                                              cv.padding, cv.dilation)
+        ep = dataclasses.replace(sp.epilogue, ops=tuple(o for o in sp.epilogue.ops))
+        return reference.apply_epilogue(acc.to(torch.float32), ep, sp.dtype, bias, scale,
+                                        channel_dim=-1 if self.role == "gemm" else
+                                        (0 if self.role == "wgrad" else 1))
+
+    def _tune(self, x, y, bias, scale) -> None:
+        """Time the generated kernel with each preset tile that fits, and the library op; keep
+        the fastest (recorded in ``backend`` and ``timings``)."""
+        from ..passes.lower import TILES
+
+        def ms(fn) -> float:
+            for _ in range(2):
+                fn()
+            start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+            start.record()
+            for _ in range(5):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 5
+
+        best = (float("inf"), None, None)
+        for name, tile in TILES.items():
+            try:
+                spec = dataclasses.replace(self.spec, tile=tile)
+            except ValueError:
+                continue  # this tile cannot build this problem
+            saved = self.spec, self._loaded
+            self.spec, self._loaded = spec, {}
+            try:
+                t = ms(lambda: self._gpu(x, y, bias, scale))
+                self.timings[f"kernel {name}"] = t
+                if t < best[0]:
+                    best = (t, spec, self._loaded)
+            except Exception as e:  # noqa: BLE001 - a candidate that fails is skipped
+                log.info("tile %s failed for %s: %s", name, saved[0].name, e)
+            finally:
+                self.spec, self._loaded = saved
+        t_lib = ms(lambda: self._library(x, y, bias, scale))
+        self.timings["library"] = t_lib
+        if best[1] is None or t_lib < best[0]:
+            self.choice = "library"
+            self.backend = (f"library (cuBLAS/cuDNN via torch: {t_lib:.3f} ms"
+                            + (f" < kernel {best[0]:.3f} ms)" if best[1] else ")"))
+        else:
+            self.choice = "kernel"
+            self.spec, self._loaded = best[1], best[2]
+            t = self.spec.tile
+            self.backend = (f"generated kernel, tile {t.bm}x{t.bn}x{t.bk} autotuned "
+                            f"({best[0]:.3f} ms, library {t_lib:.3f} ms)")
 
     def _kernel(self, device: torch.device):
         from .launch import Loaded, device_arch
