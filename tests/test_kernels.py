@@ -23,7 +23,7 @@ from mpcompile import Policy
 from mpcompile.codegen import mapping as mp
 from mpcompile.codegen import model
 from mpcompile.codegen.render import render_source
-from mpcompile.codegen.spec import Conv, Epilogue, KernelSpec, SpecError, Tile
+from mpcompile.codegen.spec import SMEM_LIMIT, Conv, Epilogue, KernelSpec, SpecError, Tile
 from mpcompile.examples import EXAMPLES, batch
 from mpcompile.passes.lower import LOWERABLE
 from mpcompile.runtime import nvrtc, sass
@@ -248,6 +248,7 @@ def test_every_lowered_kernel_compiles_for_sm80_and_sm90(tmp_path, monkeypatch):
             c = nvrtc.compile_cubin(src, spec.name, arch)
             assert c.info.spill_stores == c.info.spill_loads == 0, (spec.name, arch, c.log)
             assert c.info.stack_frame == 0 and 0 < c.info.registers <= 255, (spec.name, c.info)
+            assert spec.tile.smem_bytes <= SMEM_LIMIT[arch]  # dynamic shared memory per block
             mma = set(sass.mma_instructions(sass.disassemble(c.cubin)))
             assert mma and all(i.startswith("HMMA.16816.F32") for i in mma), (spec.name, mma)
     # the disk cache answers a second request
@@ -347,7 +348,7 @@ def test_kernel_call_gpu_path_through_the_model(name, monkeypatch):
         monkeypatch.setattr(call, "_kernel", lambda dev, call=call: ModelLauncher(call.spec))
         call.autotune = False
     got = step.graph_module(*step._state, torch.tensor(0.05, dtype=torch.float64), *x, y)
-    assert all(c.backend == "generated kernel" for c in calls)
+    assert all(c.backend.startswith("generated kernel (checked on first use") for c in calls)
     assert any(c.spec.split_k > 1 for c in calls) or name != "cnn"
     for a, b in zip(got, ref):
         if a.is_floating_point():
@@ -393,3 +394,29 @@ def test_gpu_check_compile_only_mode():
     import gpu_check as gc
 
     assert gc.main(["--compile-only", "--quick"]) == 0
+
+
+def test_a_wrong_kernel_is_caught_on_first_use(monkeypatch):
+    """A kernel whose result disagrees with the library op is dropped for the library, loudly."""
+    from mpcompile.codegen.model import ModelLauncher
+
+    class Broken(ModelLauncher):
+        def __call__(self, a, b, c, bias=None, scale=None):
+            super().__call__(a, b, c, bias, scale)
+            c.mul_(1.01)  # 1% off: far beyond 16 u of FP16
+
+    ex = EXAMPLES["mlp"]
+    x, _ = batch(ex)
+    mpm = mpcompile.convert(ex.build().eval(), x, policy=Policy(kernels="on"))
+    calls = [m for m in mpm.graph_module.modules() if isinstance(m, KernelCall)]
+    for call in calls:
+        monkeypatch.setattr(call, "_why_not_gpu", lambda *a: None)
+        monkeypatch.setattr(call, "_kernel", lambda dev, call=call: Broken(call.spec))
+        call.autotune = False
+    with torch.no_grad():
+        out = mpm(*x)
+    assert all(c.choice == "library" and "differed from cuBLAS/cuDNN" in c.backend
+               for c in calls)
+    with torch.no_grad():
+        ref = mpcompile.convert(ex.build().eval(), x)(*x)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 4 * U[F16]

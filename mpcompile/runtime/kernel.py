@@ -48,7 +48,7 @@ class KernelCall(torch.nn.Module):
         self.conv = conv
         self.backend = "not run yet"
         self.autotune = True  # on the first CUDA call: time the tile presets and the library
-        self.choice: str | None = None  # "kernel" or "library" once tuned
+        self.choice: str | None = None  # "kernel" or "library", after the first CUDA call
         self.timings: dict[str, float] = {}  # candidate -> milliseconds
         self._loaded: dict = {}
         self._failed: str | None = None
@@ -65,14 +65,11 @@ class KernelCall(torch.nn.Module):
         reason = self._why_not_gpu(x, y)
         if reason is None:
             try:
-                if self.autotune and self.choice is None:
-                    self._tune(x, y, bias, scale)
+                if self.choice is None:
+                    self._first_use(x, y, bias, scale)
                 if self.choice == "library":
                     return self._library(x, y, bias, scale).to(self.final)
-                out = self._gpu(x, y, bias, scale).to(self.final)
-                if self.choice is None:
-                    self.backend = "generated kernel"
-                return out
+                return self._gpu(x, y, bias, scale).to(self.final)
             except Exception as e:  # noqa: BLE001 - fall back loudly, never silently wrong
                 self._failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 log.warning("kernel %s failed (%s); running the torch reference instead",
@@ -126,10 +123,33 @@ class KernelCall(torch.nn.Module):
         else:
             acc = torch.nn.grad.conv2d_weight(y, list(cv.weight_shape), x, cv.stride,
                                               cv.padding, cv.dilation)
-        ep = dataclasses.replace(sp.epilogue, ops=tuple(o for o in sp.epilogue.ops))
-        return reference.apply_epilogue(acc.to(torch.float32), ep, sp.dtype, bias, scale,
+        return reference.apply_epilogue(acc.to(torch.float32), sp.epilogue, sp.dtype, bias, scale,
                                         channel_dim=-1 if self.role == "gemm" else
                                         (0 if self.role == "wgrad" else 1))
+
+    def _first_use(self, x, y, bias, scale) -> None:
+        """Autotune (optional), then check the kernel's result against the library op on the
+        same inputs: beyond 16 units of rounding of the output, this call switches to the
+        library for good, and says so."""
+        if self.autotune:
+            self._tune(x, y, bias, scale)
+        if self.choice == "library":
+            return
+        got = self._gpu(x, y, bias, scale).to(torch.float32)
+        want = self._library(x, y, bias, scale).to(torch.float32)
+        u = 2.0 ** -(11 if self.spec.dtype == "float16" else 8)
+        err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
+        if not err <= 16 * u:  # also catches NaN
+            self.choice = "library"
+            self.backend = (f"library: the generated kernel's result differed from "
+                            f"cuBLAS/cuDNN by {err / u:.1f} u on first use")
+            log.warning("kernel %s: %s; using the library op", self.spec.name, self.backend)
+            return
+        self.choice = "kernel"
+        if not self.autotune:
+            self.backend = f"generated kernel (checked on first use: {err / u:.2f} u)"
+        else:
+            self.backend += f"; checked on first use: {err / u:.2f} u"
 
     def _tune(self, x, y, bias, scale) -> None:
         """Time the generated kernel with each preset tile that fits, and the library op; keep
