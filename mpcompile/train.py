@@ -136,10 +136,6 @@ def _batch_mismatch(want: tuple, got: tuple) -> str:
     return "no difference"
 
 
-def _spec_name(spec: optim.Spec) -> str:
-    return repr(spec)
-
-
 class TrainStep:
     """A compiled mixed-precision training step. See :func:`compile_train_step`."""
 
@@ -479,12 +475,12 @@ def _step_function(program: Program, fwd, layout: Layout, plan: optim.Plan, ls, 
                 step_now = st["step"] + 1
             scalars = {}
             for gi, spec in enumerate(plan.groups):
-                with phase("update", subject=f"param group {gi}", spec=_spec_name(spec)):
+                with phase("update", subject=f"param group {gi}", spec=repr(spec)):
                     scalars[gi] = optim.group_scalars(spec, step_now, lrs[gi])
             new = dict(st)
             for fqn, g in g32.items():
                 spec = plan.spec(fqn)
-                with phase("update", subject=fqn, spec=_spec_name(spec)):
+                with phase("update", subject=fqn, spec=repr(spec)):
                     p = fp32_of[fqn]
                     state = {s: st[f"opt.{fqn}.{s}"] for s in spec.state_names}
                     p_new, s_new = optim.update(spec, p, g, state,

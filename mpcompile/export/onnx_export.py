@@ -39,7 +39,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from ..api import MixedPrecisionModule, Program
 from ..capture import module_modes, restore_modes
 from ..errors import ExportError
-from ..meta import MP, dtype_name
+from ..meta import MP, copy_module, dtype_name
 from ..passes import working_copies
 from ..train import TrainStep
 from . import legalize
@@ -123,7 +123,7 @@ def _forward_parts(mp: MixedPrecisionModule, keep_fp32_weights: bool):
     else:
         wc = working_copies.run(prog.unlowered, prog.captured.inputs, low)
         gm, bindings = wc.gm, wc.inputs
-    gm = _copy(gm)
+    gm = copy_module(gm)
     feed, example, in_names, defaults = [], [], [], {}
     n_inputs = 0
     for i, b in enumerate(bindings):
@@ -170,7 +170,7 @@ def _retrace(gm: fx.GraphModule, example: list) -> fx.GraphModule:
 
 
 def _train_parts(step: TrainStep):
-    gm = _copy(step.unlowered)
+    gm = copy_module(step.unlowered)
     records = _annotate(gm)
     lrs = [torch.tensor(x, dtype=torch.float64) for x in step.learning_rates()]
     n_out = len(step.unlowered.graph.output_node().args[0])
@@ -215,12 +215,6 @@ def _refuse_backward_ops(gm: fx.GraphModule, records: dict) -> None:
 
 
 # --- common -----------------------------------------------------------------------------------
-
-
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    from ..meta import copy_module
-
-    return copy_module(gm)
 
 
 def _to_onnx(wrapper: torch.nn.Module, example: list, opset: int | None, records: dict,
@@ -377,7 +371,7 @@ def export_graph(gm: fx.GraphModule, example: list[torch.Tensor], *,
     """Export any functional ATen fx graph (inputs ``input_i``, outputs ``output_i``) the way a
     training step is exported: decomposed, legalised, checked. Used for single-op regression
     tests, and for graphs of one's own."""
-    gm = _copy(gm)
+    gm = copy_module(gm)
     records = _annotate(gm)
     traced = _retrace(gm, example)
     n_out = len(traced.graph.output_node().args[0])

@@ -15,8 +15,6 @@ from ..errors import ExportError
 from .compat import bf16_io_as_float32, emulate_bf16_on_cpu, has_bf16
 from .onnx_export import metadata
 
-_TORCH = {np.dtype("float16"): torch.float16}
-
 
 @dataclass(frozen=True)
 class OrtStepResult:
@@ -48,6 +46,8 @@ class OrtTrainer:
         if meta.get("kind") != "train_step":
             raise ExportError("OrtTrainer needs an exported TrainStep, not a forward model")
         self.meta = meta
+        # dtypes as written, before the bfloat16 compatibility rewrites below change them
+        original = {t.name: t.data_type for t in model.graph.initializer}
         if providers is None:
             avail = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -62,9 +62,6 @@ class OrtTrainer:
         self._state: dict[str, np.ndarray] = {}
         for name in meta["state"] + meta["lrs"]:
             self._state[name] = onnx.numpy_helper.to_array(inits[name]).copy()
-        original = {t.name: t.data_type for t in (onnx.load(str(path)).graph.initializer
-                                                   if not isinstance(path, onnx.ModelProto)
-                                                   else path.graph.initializer)}
         for name in meta["state"]:
             if original.get(name) == onnx.TensorProto.BFLOAT16:
                 self._low_state[name] = torch.bfloat16

@@ -16,7 +16,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from ..codegen.render import render_source
-from ..codegen.spec import KernelSpec, Kind
+from ..codegen.spec import KernelSpec
 from . import reference
 
 log = logging.getLogger("mpcompile.kernels")
@@ -255,8 +255,4 @@ class KernelCall(torch.nn.Module):
         return t
 
 
-def is_kernel_module(m: object) -> bool:
-    return isinstance(m, KernelCall)
-
-
-__all__ = ["ConvArgs", "Kind", "KernelCall", "is_kernel_module"]
+__all__ = ["ConvArgs", "KernelCall"]

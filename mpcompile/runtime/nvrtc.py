@@ -90,9 +90,7 @@ def parse_ptxas(log: str) -> PtxasInfo:
 
 
 def options(arch: str) -> list[str]:
-    return [f"--gpu-architecture={arch}", "--std=c++17", "--ptxas-options=--verbose",
-            "-default-device", "--use_fast_math"] if False else [
-        f"--gpu-architecture={arch}", "--std=c++17", "--ptxas-options=--verbose"]
+    return [f"--gpu-architecture={arch}", "--std=c++17", "--ptxas-options=--verbose"]
 
 
 def compile_cubin(source: str, name: str, arch: str, use_cache: bool = True) -> Compiled:
