@@ -14,7 +14,7 @@ from .errors import (
     UnknownNodeError,
 )
 from .export import OrtTrainer, export_onnx
-from .inspect import Report
+from .report import Report
 from .policy import DEFAULT_TABLE, Entry, OpClass, Policy
 from .scaling import DynamicLossScale
 from .train import StepResult, TrainReport, TrainStep, compile_train_step

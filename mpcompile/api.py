@@ -11,55 +11,47 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .capture import Captured, Signature, capture
+from . import passes
+from .capture import BindingKind, Captured, Signature, capture
 from .errors import CaptureError, MPCompileError, PolicyError, SignatureError
-from .passes import Context, run_pipeline
+from .passes import Context
 from .policy import Policy
 
 
 @dataclass
 class Program:
-    """One compiled graph: a captured signature run through the pipeline."""
+    """One compiled graph: a captured signature run through ``passes.FORWARD`` (the
+    mixed-precision graph), then ``passes.EXECUTION`` (what runs)."""
 
     captured: Captured
-    stages: dict[str, fx.GraphModule]
+    stages: dict[str, fx.GraphModule]  # every pass's graph, by name, from "capture" on
+    graph_module: fx.GraphModule  # the mixed-precision graph: what reports, explain, export read
+    executable: fx.GraphModule  # what runs: the same graph with generated kernels, if any
     policy: Policy
     device_type: str
     example: tuple[tuple, dict]  # the inputs it was captured with (reports re-run them)
     modes: tuple[bool, ...] = ()  # every module's training flag at capture
-
-    @property
-    def graph_module(self) -> fx.GraphModule:
-        """The graph that runs (the last stage: kernels if lowered)."""
-        return self.stages[next(reversed(self.stages))]
-
-    @property
-    def unlowered(self) -> fx.GraphModule:
-        """The mixed-precision graph before kernel lowering (what export and reports read)."""
-        from .passes import UNLOWERED
-
-        return self.stages[UNLOWERED]
 
     def output_dtypes(self) -> list[torch.dtype | None]:
         """dtypes of the model's flattened outputs, as captured (the FP32 model's)."""
         outs = self.captured.gm.graph.output_node().args[0]
         return [o.meta["val"].dtype if isinstance(o, fx.Node) and isinstance(
                     o.meta.get("val"), torch.Tensor) else None
-                for o, b in zip(outs, self.captured.outputs) if b.kind == "output"]
+                for o, b in zip(outs, self.captured.outputs) if b.kind is BindingKind.OUTPUT]
 
     def feed(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
         out = []
         mutated = self.captured.mutated_buffers
         for b in self.captured.inputs:
-            if b.kind == "param":
+            if b.kind is BindingKind.PARAM:
                 out.append(_lookup(module, b.target, "_parameters"))
-            elif b.kind == "buffer":
+            elif b.kind is BindingKind.BUFFER:
                 buf = _lookup(module, b.target, "_buffers")
                 # a buffer the graph updates is fed as a copy: autograd may have saved the input
                 # (batch norm saves its running stats), and the update is copied in after
                 out.append(buf.clone() if b.target in mutated else buf)
-            elif b.kind == "const":
+            elif b.kind is BindingKind.CONST:
                 out.append(b.target)
             else:
                 out.append(tensors[b.target])
@@ -72,7 +64,8 @@ class Program:
         if tuple(m.training for m in module.modules()) != self.modes:
             return False
         for b, (dtype, device) in self._state:
-            t = _lookup(module, b.target, "_parameters" if b.kind == "param" else "_buffers")
+            t = _lookup(module, b.target,
+                        "_parameters" if b.kind is BindingKind.PARAM else "_buffers")
             if t.dtype != dtype or t.device != device:
                 return False
         return True
@@ -81,16 +74,17 @@ class Program:
     def _state(self) -> list:
         phs = self.captured.gm.graph.find_nodes(op="placeholder")
         return [(b, (n.meta["val"].dtype, n.meta["val"].device))
-                for b, n in zip(self.captured.inputs, phs) if b.kind in ("param", "buffer")]
+                for b, n in zip(self.captured.inputs, phs)
+                if b.kind in (BindingKind.PARAM, BindingKind.BUFFER)]
 
     def run(self, module: torch.nn.Module, args: tuple, kwargs: dict,
             gm: fx.GraphModule | None = None) -> Any:
         """Run the graph on ``module``'s parameters and buffers (buffers updated in place, as
         the model's own forward would) and rebuild the model's output structure."""
-        outs = (gm or self.graph_module)(*self.feed(module, args, kwargs))
+        outs = (gm or self.executable)(*self.feed(module, args, kwargs))
         user = []
         for b, v in zip(self.captured.outputs, outs):
-            if b.kind == "buffer":
+            if b.kind is BindingKind.BUFFER:
                 with torch.no_grad():
                     module.get_buffer(b.target).copy_(v)
             else:
@@ -120,9 +114,10 @@ def compile_program(model: torch.nn.Module, args: tuple, kwargs: dict,
     captured = capture(model, args, kwargs, keep_whole=policy.keep_whole())
     device_type = _device_type(model, args, kwargs)
     ctx = Context(policy, device_type, model, captured.inputs)
-    stages = run_pipeline(captured, ctx)
-    return Program(captured, stages, policy, device_type, (tuple(args), dict(kwargs)),
-                   tuple(m.training for m in model.modules()))
+    fwd = passes.run(passes.FORWARD, captured.gm, ctx, first="capture")
+    run = passes.run(passes.EXECUTION, fwd.gm, fwd.ctx, graphs=fwd.graphs)
+    return Program(captured, run.graphs, fwd.gm, run.gm, policy, device_type,
+                   (tuple(args), dict(kwargs)), tuple(m.training for m in model.modules()))
 
 
 def _as_args(example_inputs: Any) -> tuple:
@@ -174,13 +169,16 @@ class MixedPrecisionModule(torch.nn.Module):
         return self
 
     def forward(self, *args, **kwargs):
-        program = self._program_for(args, kwargs)
+        program = self.program_for(args, kwargs)
         object.__setattr__(self, "_last", program)
         return program.run(self, args, kwargs)
 
     # -- compilation cache ------------------------------------------------------------------
 
-    def _program_for(self, args: tuple, kwargs: dict) -> Program:
+    def program_for(self, args: tuple, kwargs: dict | None = None) -> Program:
+        """The program for these inputs in the module's current train/eval mode: the cached one,
+        or a new capture (subject to ``recapture``)."""
+        kwargs = dict(kwargs or {})
         sig = Signature.of(args, kwargs, self.training)
         programs: OrderedDict = self._programs
         program = programs.get(sig)
@@ -238,30 +236,36 @@ class MixedPrecisionModule(torch.nn.Module):
 
     @property
     def graph_module(self) -> fx.GraphModule:
-        """The rewritten fx graph (of the most recent input signature)."""
+        """The mixed-precision fx graph (of the most recent input signature)."""
         return self.program.graph_module
 
     @property
+    def executable(self) -> fx.GraphModule:
+        """The graph that runs: ``graph_module`` after ``passes.EXECUTION`` (generated kernels
+        where ``Policy.kernels`` allows them)."""
+        return self.program.executable
+
+    @property
     def stages(self) -> dict[str, fx.GraphModule]:
-        """The graph after each stage: capture, classify, assign, casts, cleanup."""
+        """The graph after each pass: capture, classify, assign, casts, cleanup, kernels."""
         return dict(self.program.stages)
 
     def report(self, measure: bool = True):
-        """Precision and cast statistics; see :class:`mpcompile.inspect.Report`."""
-        from .inspect import build_report
+        """Precision and cast statistics; see :class:`mpcompile.report.Report`."""
+        from .report import build_report
 
         return build_report(self.program, self._original, measure_calls=measure)
 
     def explain(self, node: str | fx.Node) -> str:
         """Why ``node`` (a node name in :attr:`graph_module`) runs in the precision it does."""
-        from .inspect import explain
+        from .explain import explain
 
         return explain(self.program, node)
 
     def to_dot(self, path: str | None = None, stage: str | None = None) -> str:
         """The graph as Graphviz DOT coloured by precision; with ``path``, also write it there
         (and an SVG beside it when Graphviz ``dot`` is installed)."""
-        from .inspect import to_dot
+        from .explain import to_dot
 
         return to_dot(self.program, path=path, stage=stage)
 
@@ -297,5 +301,5 @@ def convert(model: torch.nn.Module, example_inputs: Any = None, *,
     policy.check_pins(model)
     mp = MixedPrecisionModule(model, policy, recapture=recapture, cache_size=cache_size)
     if example_inputs is not None or example_kwargs:
-        mp._program_for(_as_args(example_inputs), dict(example_kwargs or {}))
+        mp.program_for(_as_args(example_inputs), dict(example_kwargs or {}))
     return mp

@@ -19,6 +19,7 @@ here rather than by registering pytree types globally.
 from __future__ import annotations
 
 import contextlib
+import enum
 import dataclasses
 import io
 import logging
@@ -38,7 +39,7 @@ from torch._ops import OpOverload
 from torch.export.graph_signature import InputKind, OutputKind
 
 from .errors import CaptureError
-from .meta import MP, NodeRecord
+from .records import MP, NodeRecord
 
 aten = torch.ops.aten
 
@@ -178,12 +179,26 @@ def flatten_output(out: Any, where: str = "output") -> tuple[list[torch.Tensor],
 # --- capture --------------------------------------------------------------------------------
 
 
+class BindingKind(str, enum.Enum):
+    """What a graph input is fed with, or what a graph output is."""
+
+    PARAM = "param"  # a parameter of the model (target: its FQN)
+    BUFFER = "buffer"  # a buffer (target: its FQN); as an output: the buffer's new value
+    CONST = "const"  # a tensor constant of the model (target: the tensor)
+    INPUT = "input"  # a tensor the caller passes (target: its position among them)
+    WORKING = "working"  # the low-precision working copy of a parameter (target: its FQN)
+    OUTPUT = "output"  # as an output: the model's output (target: its position)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class Binding:
-    """What one placeholder of the graph is fed with."""
+    """What one placeholder of the graph is fed with (or one graph output is)."""
 
-    kind: str  # "param" | "buffer" | "const" | "input"
-    target: Any  # FQN, constant tensor, or user-input position
+    kind: BindingKind
+    target: Any  # FQN, constant tensor, or position
 
 
 @dataclass(frozen=True)
@@ -197,7 +212,7 @@ class Captured:
 
     @property
     def mutated_buffers(self) -> tuple[str, ...]:
-        return tuple(b.target for b in self.outputs if b.kind == "buffer")
+        return tuple(b.target for b in self.outputs if b.kind is BindingKind.BUFFER)
 
 
 class _Flat(torch.nn.Module):
@@ -312,22 +327,22 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     inputs: list[Binding] = []
     for s in sig.input_specs:
         if s.kind is InputKind.PARAMETER:
-            inputs.append(Binding("param", _strip(s.target)))
+            inputs.append(Binding(BindingKind.PARAM, _strip(s.target)))
         elif s.kind is InputKind.BUFFER:
-            inputs.append(Binding("buffer", _strip(s.target)))
+            inputs.append(Binding(BindingKind.BUFFER, _strip(s.target)))
         elif s.kind is InputKind.CONSTANT_TENSOR:
-            inputs.append(Binding("const", ep.constants[s.target]))
+            inputs.append(Binding(BindingKind.CONST, ep.constants[s.target]))
         elif s.kind is InputKind.USER_INPUT:
-            inputs.append(Binding("input", len([b for b in inputs if b.kind == "input"])))
+            inputs.append(Binding(BindingKind.INPUT, len([b for b in inputs if b.kind is BindingKind.INPUT])))
         else:
             raise CaptureError(f"{name}: unsupported graph input kind {s.kind} ({s.target})")
     outputs: list[Binding] = []
     n_user = 0
     for s in sig.output_specs:
         if s.kind is OutputKind.BUFFER_MUTATION:
-            outputs.append(Binding("buffer", _strip(s.target)))
+            outputs.append(Binding(BindingKind.BUFFER, _strip(s.target)))
         elif s.kind is OutputKind.USER_OUTPUT:
-            outputs.append(Binding("output", n_user))
+            outputs.append(Binding(BindingKind.OUTPUT, n_user))
             n_user += 1
         elif s.kind is OutputKind.USER_INPUT_MUTATION:
             raise CaptureError(
@@ -350,7 +365,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
         node.meta[MP] = NodeRecord("capture", *_module_of(node), source=_source_of(node))
     for node, b in zip(gm.graph.find_nodes(op="placeholder"), inputs):
         # p_model_fc_weight -> p_fc_weight; tensors_0 -> arg0 / input_ids
-        new = (_input_name(names[b.target]) if b.kind == "input"
+        new = (_input_name(names[b.target]) if b.kind is BindingKind.INPUT
                else node.name.replace("_model_", "_", 1))
         if new != node.name:
             node._rename(new)

@@ -10,7 +10,7 @@ import torch
 
 from .api import convert
 from .examples import EXAMPLES, batch, eager_step
-from .meta import is_cast
+from .fxutil import is_cast
 from .policy import OpClass, table_rows
 from .train import compile_train_step
 

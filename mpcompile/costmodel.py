@@ -26,15 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .meta import (
-    arg_slots,
-    is_cast,
-    is_float,
-    is_getitem,
-    record,
-    tensors_of,
-    val_dtype,
-)
+from .fxutil import arg_slots, is_cast, is_float, is_getitem, tensors_of, val_dtype
+
+from .records import record
 
 F32 = torch.float32
 

@@ -48,3 +48,7 @@ class TrainStepError(MPCompileError):
 
 class ExportError(MPCompileError):
     """A graph cannot be written as standard ONNX (an op without a correct translation)."""
+
+
+class KernelError(MPCompileError):
+    """A generated kernel cannot be specified, compiled, disassembled or launched as asked."""

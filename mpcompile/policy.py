@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch._ops import OpOverload, OpOverloadPacket
 
+from .dtypes import dtype_name
 from .errors import PolicyError
 
 aten = torch.ops.aten
@@ -405,13 +406,13 @@ class Policy:
             if self.dtype in LOW_DTYPES and (device_type, self.dtype) not in entry.proven_on:
                 return Rule(
                     F,
-                    f"{entry.reason}; but FP32 accumulation with {_dtype_name(self.dtype)} I/O is"
+                    f"{entry.reason}; but FP32 accumulation with {dtype_name(self.dtype)} I/O is"
                     f" not proven on {device_type}, so it runs in FP32",
                     "unproven",
                     entry.fp32_args,
                 )
             if self.dtype in LOW_DTYPES:
-                return Rule(A, f"{entry.reason} (proven with {_dtype_name(self.dtype)} I/O on "
+                return Rule(A, f"{entry.reason} (proven with {dtype_name(self.dtype)} I/O on "
                             f"{device_type} by tests/test_fp32_accum.py)", "table",
                             entry.fp32_args)
         return Rule(entry.op_class, entry.reason, "table", entry.fp32_args)
@@ -448,8 +449,6 @@ class Policy:
                 )
 
 
-def _dtype_name(dt: torch.dtype) -> str:
-    return str(dt).removeprefix("torch.")
 
 
 def table_rows() -> list[tuple[str, str, str]]:

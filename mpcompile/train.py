@@ -29,8 +29,12 @@ from . import optim, scaling
 from .api import Program, _as_args, compile_program
 from .capture import Signature, TensorSpec, module_modes, restore_modes
 from .errors import MPCompileError, SignatureError, TrainStepError
-from .meta import MP, NodeRecord, check, dtype_name, is_cast, is_getitem, record, val_dtype
-from .passes import Context, lower, working_copies
+from .checks import check
+from .dtypes import dtype_name
+from .fxutil import is_cast, is_getitem, val_dtype
+from .records import MP, NodeRecord, record
+from . import passes
+from .passes import Context, kernels, working_copies
 from .policy import Policy
 
 F32 = torch.float32
@@ -258,13 +262,13 @@ class TrainStep:
     # -- inspection ------------------------------------------------------------------------
 
     def explain(self, node: str | fx.Node) -> str:
-        from .inspect import explain_node
+        from .explain import explain_node
 
         return explain_node(self.graph_module, node)
 
     def report(self, measure: bool = False) -> TrainReport:
         """The core report of the forward, plus the training-only nodes and the state sizes."""
-        from .inspect import build_report
+        from .report import build_report
 
         return build_train_report(self, build_report(self._program, self._model,
                                                      measure_calls=measure))
@@ -656,7 +660,7 @@ def build_train_report(step: TrainStep, forward_report) -> TrainReport:
         elif t.dtype is F32:
             fp32 += nbytes
     order = ["forward", *PHASES]
-    from .inspect import kernel_infos
+    from .report import kernel_infos
 
     return TrainReport(
         forward=forward_report, kernels=kernel_infos(step.graph_module),

@@ -9,7 +9,8 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from mpcompile.api import compile_program
-from mpcompile.meta import MP, NodeRecord, arg_slots, record, tensors_of
+from mpcompile.fxutil import arg_slots, tensors_of
+from mpcompile.records import MP, NodeRecord, record
 from mpcompile.policy import Policy
 
 

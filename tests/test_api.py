@@ -20,7 +20,8 @@ from mpcompile import (
 )
 from mpcompile.examples import CNN, EXAMPLES, MLP, batch
 from mpcompile.inspect import diff_stages
-from mpcompile.meta import is_cast, record
+from mpcompile.fxutil import is_cast
+from mpcompile.records import record
 
 aten = torch.ops.aten
 

@@ -6,7 +6,9 @@ import torch
 import torch.nn as nn
 from golden import canonical, classes, labels, stages, stamp, trace
 
-from mpcompile.meta import check, record
+from mpcompile.checks import check
+
+from mpcompile.records import record
 from mpcompile.passes import Context, cleanup
 from mpcompile.policy import Policy
 

@@ -14,7 +14,8 @@ from test_golden import Broadcast
 from mpcompile.api import compile_program
 from mpcompile.costmodel import F32, CastModel
 from mpcompile.examples import EXAMPLES, batch
-from mpcompile.meta import copy_module, is_cast, record
+from mpcompile.fxutil import copy_module, is_cast
+from mpcompile.records import record
 from mpcompile.passes import Context, assign
 from mpcompile.policy import Policy
 

@@ -17,7 +17,8 @@ from test_fp32_accum import CLAIMS
 
 import mpcompile
 from mpcompile.examples import EXAMPLES, batch, eager_step
-from mpcompile.meta import arg_slots, is_cast, is_getitem, record, val_dtype
+from mpcompile.fxutil import arg_slots, is_cast, is_getitem, val_dtype
+from mpcompile.records import record
 from mpcompile.policy import OpClass
 
 LOWS = [torch.float16, torch.bfloat16]

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 import mpcompile
 from mpcompile import DynamicLossScale, SignatureError, TrainStepError
 from mpcompile.examples import EXAMPLES, MLP, batch, eager_step
-from mpcompile.meta import is_getitem, record
+from mpcompile.fxutil import is_getitem
+from mpcompile.records import record
 
 F16, BF16 = torch.float16, torch.bfloat16
 U = {F16: 2.0**-11, BF16: 2.0**-8}

@@ -39,11 +39,13 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from ..api import MixedPrecisionModule, Program
 from ..capture import module_modes, restore_modes
 from ..errors import ExportError
-from ..meta import MP, copy_module, dtype_name
+from ..dtypes import dtype_name
+from ..fxutil import copy_module
+from ..records import MP
 from ..passes import working_copies
 from ..train import TrainStep
-from . import legalize
-from .decompositions import export_decompositions
+from ..passes import legalize
+from ..passes.decompose import export_decompositions
 
 DEFAULT_IR_VERSION = 10  # onnx 1.23 writes 14; onnxruntime 1.31-1.32 loads at most 13
 # opset 22 is the first with bfloat16 on Conv and most arithmetic ops; float16 models keep

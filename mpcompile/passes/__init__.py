@@ -1,40 +1,47 @@
-"""The pipeline: one straight list of graph -> graph stages.
+"""The pipelines: each a declared list of passes (``base.Pass``), run by ``base.run``.
 
-Each stage copies the graph it is given, rewrites the copy and returns it; ``check`` runs after
-every stage (fx lint, fake-tensor dtype propagation, provenance on every node), and the cast
-stages also check that every op sees the precision it was assigned.
+Every pass copies the graph it is given, rewrites the copy and returns it; after each, the
+runner checks the common invariants (fx lint, fake-tensor dtype propagation, provenance on every
+node) and the pass's ``ensures``, and records the graph under the pass's name.
+
+    FORWARD     what ``convert`` compiles: the mixed-precision graph (the artefact users read)
+    TRAINING    the forward of a training step; ``train.trace`` then builds the step graph on it
+    EXECUTION   applied to the graph that runs (forward or step): generated kernels
+    EXPORT_FORWARD, EXPORT_FORWARD_FP32_WEIGHTS, EXPORT_STEP   before ``torch.onnx.export``
 """
 
 from __future__ import annotations
 
-import torch.fx as fx
-
-from ..capture import Captured
-from ..meta import check, copy_module
-from . import assign, casts, classify, cleanup, lower
+from . import assign, casts, classify, cleanup, decompose, kernels, legalize, working_copies
+from .base import Condition, Pass, PassResult, Stages, run
+from .conditions import ASSIGNED, CLASSIFIED, PRECISIONS_APPLIED
 from .context import Context
 
-PIPELINE = (
-    ("classify", classify.run),  # op -> LOWER/FP32/FP32_ACCUM/FOLLOW/PASSTHROUGH; pins; bans
-    ("assign", assign.run),  # precision of every op: fixed by class, or min-cut for free ops
-    ("casts", casts.run),  # one cast per (tensor, dtype); creation ops retargeted
-    ("cleanup", cleanup.run),  # fold cast chains; drop identity, duplicate and dead casts
-    ("lower", lower.run),  # matmuls/convs -> generated tensor-core kernels (Policy.kernels)
-)
-_CHECK_PRECISIONS = ("casts", "cleanup")
-UNLOWERED = "cleanup"  # the last stage before kernels: what export and reports read
+CLASSIFY = Pass("classify", classify.run, "op -> LOWER/FP32/FP32_ACCUM/FOLLOW/PASSTHROUGH from "
+                "the policy table and user overrides; module pins; bans", ensures=(CLASSIFIED,))
+ASSIGN = Pass("assign", assign.run, "precision of every op: fixed by its class, or a global "
+              "min-cut over the free ops", requires=(CLASSIFIED,), ensures=(ASSIGNED,))
+CASTS = Pass("casts", casts.run, "one cast per (tensor, dtype); creation ops retargeted",
+             requires=(ASSIGNED,), ensures=(PRECISIONS_APPLIED,))
+CLEANUP = Pass("cleanup", cleanup.run, "fold exact cast chains; drop identity, duplicate and "
+               "dead casts", ensures=(PRECISIONS_APPLIED,))
+WORKING_COPIES = Pass("working_copies", working_copies.run, "weight casts -> low-precision "
+                      "working-copy inputs", requires=(PRECISIONS_APPLIED,),
+                      ensures=(PRECISIONS_APPLIED,))
+KERNELS = Pass("kernels", kernels.run, "low-precision matmuls/convs -> generated tensor-core "
+               "kernels (Policy.kernels), fused epilogues")
+LEGALIZE = Pass("legalize", legalize.run, "valid ONNX: mixed-dtype norms widened, splits to "
+                "slices")
+DECOMPOSE = Pass("decompose", decompose.run, "re-trace with the export decompositions (conv "
+                 "backward, batch norm, flash attention, lerp); no backward or prims op remains",
+                 ensures=(decompose.EXPORTABLE,))
 
+FORWARD = (CLASSIFY, ASSIGN, CASTS, CLEANUP)
+TRAINING = (*FORWARD, WORKING_COPIES)
+EXECUTION = (KERNELS,)
+EXPORT_FORWARD = (WORKING_COPIES, LEGALIZE)
+EXPORT_FORWARD_FP32_WEIGHTS = (LEGALIZE,)
+EXPORT_STEP = (DECOMPOSE, LEGALIZE)
 
-def run_pipeline(captured: Captured, ctx: Context) -> dict[str, fx.GraphModule]:
-    """Every stage's graph, by stage name, starting with the captured one."""
-    gm = check(copy_module(captured.gm), "capture")
-    stages = {"capture": gm}
-    for name, stage in PIPELINE:
-        gm = check(stage(gm, ctx), name)
-        if name in _CHECK_PRECISIONS:
-            casts.check_precisions(gm, name)
-        stages[name] = gm
-    return stages
-
-
-__all__ = ["PIPELINE", "UNLOWERED", "Context", "run_pipeline"]
+__all__ = ["EXECUTION", "EXPORT_FORWARD", "EXPORT_FORWARD_FP32_WEIGHTS", "EXPORT_STEP",
+           "FORWARD", "TRAINING", "Condition", "Context", "Pass", "PassResult", "Stages", "run"]

@@ -23,7 +23,9 @@ import torch
 import torch.fx as fx
 
 from ..costmodel import F32, CastModel, ProbeError
-from ..meta import copy_module, dtype_name, is_cast, is_getitem, record, update, val_dtype
+from ..dtypes import dtype_name
+from ..fxutil import copy_module, is_cast, is_getitem, val_dtype
+from ..records import record, update
 from ..policy import OpClass
 from .context import Context
 

@@ -14,19 +14,9 @@ import torch.fx as fx
 
 from ..costmodel import F32, CastModel, retargeted
 from ..errors import PassError
-from ..meta import (
-    CAST,
-    MP,
-    NodeRecord,
-    arg_slots,
-    copy_module,
-    dtype_name,
-    is_cast,
-    is_getitem,
-    record,
-    replace_at,
-    val_dtype,
-)
+from ..dtypes import dtype_name
+from ..fxutil import CAST, arg_slots, copy_module, is_cast, is_getitem, replace_at, val_dtype
+from ..records import MP, NodeRecord, record
 from ..policy import OpClass
 from .context import Context
 
@@ -64,30 +54,3 @@ def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
         for use in need.uses:
             replace_at(use.node, use.path, c)
     return gm
-
-
-def check_precisions(gm: fx.GraphModule, stage: str) -> None:
-    """Every op sees its inputs in the precision it was assigned (norm weights and running
-    statistics in FP32); LOWER ops see low precision; FP32 ops see float32."""
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or is_getitem(n) or is_cast(n):
-            continue
-        rec = record(n)
-        if rec.precision is None:
-            continue
-        for _, slot, a in arg_slots(n):
-            d = val_dtype(a)
-            if d is None or not d.is_floating_point:
-                continue
-            want = F32 if slot in rec.fp32_args else rec.precision
-            if d is want or d not in (F32, rec.precision, want):
-                continue  # a tensor the model itself keeps in another float dtype
-            kind = rec.op_class
-            raise PassError(
-                f"after stage '{stage}': {kind} node {n.name} ({n.target}) was assigned "
-                f"{dtype_name(rec.precision)} but its argument '{slot}' ({a.name}) is "
-                f"{dtype_name(d)}"
-            )
-        if rec.op_class is OpClass.LOWER and rec.pin is None and rec.decided_by == "class":
-            if rec.precision is F32:
-                raise PassError(f"after stage '{stage}': LOWER node {n.name} runs in float32")

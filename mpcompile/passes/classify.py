@@ -11,7 +11,9 @@ import torch.fx as fx
 
 from ..capture import module_paths
 from ..errors import BannedOpError
-from ..meta import copy_module, dtype_name, is_getitem, record, update, val_dtype
+from ..dtypes import dtype_name
+from ..fxutil import copy_module, is_getitem, val_dtype
+from ..records import record, update
 from ..policy import OpClass
 from .context import Context
 

@@ -13,7 +13,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..meta import copy_module, dtype_name, is_cast, record, update, val_dtype
+from ..dtypes import dtype_name
+
+from ..fxutil import copy_module, is_cast, val_dtype
+
+from ..records import record, update
 from .context import Context
 
 _WIDER = {

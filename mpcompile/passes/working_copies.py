@@ -1,40 +1,36 @@
-"""Training stage: parameters cast to low precision become low-precision *inputs*.
+"""Parameters cast to low precision become low-precision *inputs* (training and export).
 
 In the forward of ``convert`` each weight is cast from its FP32 master once per call. In the
 training step the cast moves out of the forward (Micikevicius et al.: the FP32 master is rounded
 to FP16 once, after the update, and the FP16 copy is used by the next forward and backward): the
-cast node ``p -> p_f16`` becomes a new placeholder ``w_<p>`` fed with the working copy. A
-parameter that is also used in FP32 (norm weights, pinned modules) keeps its FP32 placeholder for
-those uses.
+cast node ``p -> p_f16`` becomes a new placeholder ``w_<p>`` fed with the working copy, bound as
+``BindingKind.WORKING``. A parameter that is also used in FP32 (norm weights, pinned modules)
+keeps its FP32 placeholder for those uses. The forward export uses the same pass: the working
+copies become low-precision initializers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
-import torch
 import torch.fx as fx
 
-from ..capture import Binding
-from ..meta import copy_module, is_cast, record, update
+from ..capture import Binding, BindingKind
+from ..dtypes import dtype_name
+from ..fxutil import copy_module, is_cast
+from ..records import record, update
+from .base import PassResult
+from .context import Context
 
 
-@dataclass(frozen=True)
-class WorkingCopies:
-    gm: fx.GraphModule
-    inputs: tuple[Binding, ...]  # the original bindings, then ("working", fqn) per new input
-    working: tuple[str, ...]  # FQNs of parameters that have a low-precision working copy
-
-
-def run(gm: fx.GraphModule, inputs: tuple[Binding, ...], low: torch.dtype) -> WorkingCopies:
+def run(gm: fx.GraphModule, ctx: Context) -> PassResult:
     gm = copy_module(gm)
-    g = gm.graph
+    g, low = gm.graph, ctx.low
     placeholders = list(g.find_nodes(op="placeholder"))
-    new_inputs = list(inputs)
-    working = []
+    new_inputs = list(ctx.inputs)
     last = placeholders[-1]
-    for node, b in zip(placeholders, inputs):
-        if b.kind != "param":
+    for node, b in zip(placeholders, ctx.inputs):
+        if b.kind is not BindingKind.PARAM:
             continue
         casts = [u for u in node.users if is_cast(u) and record(u).created_by == "casts"
                  and u.kwargs.get("dtype") == low]
@@ -46,12 +42,15 @@ def run(gm: fx.GraphModule, inputs: tuple[Binding, ...], low: torch.dtype) -> Wo
         last = w
         w.meta.update(cast.meta)
         update(w, created_by="working_copies", precision=low, decided_by="working copy",
-               decision=f"the {str(low).removeprefix('torch.')} working copy of parameter "
-                        f"{b.target}, cast from its FP32 master after each update (not inside "
-                        "the forward)")
+               decision=f"the {dtype_name(low)} working copy of parameter {b.target}, cast from "
+                        "its FP32 master after each update (not inside the forward)")
         cast.replace_all_uses_with(w)
         g.erase_node(cast)
-        new_inputs.append(Binding("working", b.target))
-        working.append(b.target)
+        new_inputs.append(Binding(BindingKind.WORKING, b.target))
     gm.recompile()
-    return WorkingCopies(gm, tuple(new_inputs), tuple(working))
+    return PassResult(gm, dataclasses.replace(ctx, inputs=tuple(new_inputs)))
+
+
+def working(ctx: Context) -> tuple[str, ...]:
+    """FQNs of the parameters that have a low-precision working copy input."""
+    return tuple(b.target for b in ctx.inputs if b.kind is BindingKind.WORKING)

@@ -1,4 +1,4 @@
-"""fx -> fx rewrites that make a mixed-precision graph valid ONNX.
+"""Export pass: fx -> fx rewrites that make a mixed-precision graph valid ONNX.
 
 - ONNX ``LayerNormalization`` and ``GroupNormalization`` take the input and the scale/bias in one
   type, while mpcompile runs them (FP32_ACCUM) on low-precision activations with FP32 weights,
@@ -11,10 +11,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
 import torch.fx as fx
+
+from ..fxutil import copy_module
+from ..records import MP
+from .context import Context
 
 aten = torch.ops.aten
 _MIXED_NORMS = {aten.native_layer_norm.default: (2, 3), aten.native_group_norm.default: (1, 2)}
@@ -34,7 +39,14 @@ def _as(val: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return val.to(dtype)
 
 
-def run(gm: fx.GraphModule) -> fx.GraphModule:
+def _made_here(node: fx.Node, why: str) -> None:
+    rec = node.meta.get(MP)
+    if rec is not None:
+        node.meta[MP] = dataclasses.replace(rec, created_by="legalize", decision=why)
+
+
+def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
+    gm = copy_module(gm)
     g = gm.graph
     for node in list(g.nodes):
         slots = _MIXED_NORMS.get(node.target)
@@ -50,6 +62,7 @@ def run(gm: fx.GraphModule) -> fx.GraphModule:
             up = g.call_function(CAST, (x,), {"dtype": target})
         up.meta.update(x.meta)
         up.meta["val"] = _as(x.meta["val"], target)
+        _made_here(up, f"widens {x.name} for {node.name}: ONNX wants input and scale in one type")
         node.args = (up, *node.args[1:])
         for user in list(node.users):
             if user.target is operator.getitem and user.args[1] == 0:
@@ -57,6 +70,7 @@ def run(gm: fx.GraphModule) -> fx.GraphModule:
                     down = g.call_function(CAST, (user,), {"dtype": low})
                 down.meta.update(user.meta)
                 user.meta["val"] = _as(user.meta["val"], target)
+                _made_here(down, f"rounds {node.name}'s output back to its precision")
                 user.replace_all_uses_with(down, delete_user_cb=lambda u, d=down: u is not d)
     _split_to_slices(g)
     g.lint()
@@ -91,6 +105,7 @@ def _split_to_slices(g: fx.Graph) -> None:
             with g.inserting_before(u):
                 new = g.call_function(target, args)
             new.meta.update(u.meta)
+            _made_here(new, f"a slice in place of {node.name} (ONNX sequences have no bfloat16)")
             u.replace_all_uses_with(new)
             g.erase_node(u)
         g.erase_node(node)

@@ -1,4 +1,4 @@
-"""What the ONNX export decomposes first, and why.
+"""Export pass: re-trace a graph with the decompositions the ONNX export needs, and why.
 
 torch.onnx (dynamo path) has no translation for ``convolution_backward`` and translates
 training-mode batch norm and ``nll_loss_backward`` *silently wrong* unless they are decomposed
@@ -18,10 +18,20 @@ A table built by a function call, not a registry: nothing changes at import.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import torch
+import torch.fx as fx
+import torch.fx.traceback as fx_traceback
 from torch._decomp import core_aten_decompositions, get_decompositions
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..errors import ExportError
+from ..fxutil import copy_module
+from ..records import MP, NodeRecord
+from .base import Condition
+from .context import Context
 
 aten = torch.ops.aten
 
@@ -136,3 +146,66 @@ def export_decompositions() -> dict:
     table[aten._scaled_dot_product_flash_attention_for_cpu_backward.default] = (
         flash_attention_backward)
     return table
+
+
+def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
+    """Re-trace ``gm`` with :func:`export_decompositions`; each new node keeps the record of the
+    node it came from (``meta["custom"]["mp_name"]`` names it)."""
+    gm = copy_module(gm)
+    records = {}
+    for n in gm.graph.nodes:
+        n.meta["custom"] = {**(n.meta.get("custom") or {}), "mp_name": n.name}
+        records[n.name] = n.meta[MP]
+    old_inputs = list(gm.graph.find_nodes(op="placeholder"))
+    example = [torch.zeros(ph.meta["val"].shape, dtype=ph.meta["val"].dtype,
+                           device=ph.meta["val"].device) for ph in old_inputs]
+    with fx_traceback.preserve_node_meta(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = make_fx(lambda *a: fx.Interpreter(gm).run(*a),
+                         decomposition_table=export_decompositions(),
+                         tracing_mode="fake")(*example)
+    for old, new in zip(old_inputs, traced.graph.find_nodes(op="placeholder")):
+        new._rename(old.name)
+        new.target = new.name
+        new.meta[MP] = old.meta[MP]
+        new.meta["custom"] = {"mp_name": old.name}
+    for n in traced.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        name = (n.meta.get("custom") or {}).get("mp_name")
+        rec = records.get(name)
+        if rec is None:
+            n.meta[MP] = NodeRecord("decompose", decision="made while re-tracing for export")
+        elif n.name != name:
+            n.meta[MP] = dataclasses.replace(rec, created_by="decompose",
+                                             decision=f"from {name}: {rec.decision}")
+        else:
+            n.meta[MP] = rec
+    traced.recompile()
+    return traced
+
+
+def describe(node: fx.Node) -> str:
+    """'node <mpcompile name> in module <m> (<source line>)' for error messages."""
+    name = (node.meta.get("custom") or {}).get("mp_name", node.name)
+    rec = node.meta.get(MP)
+    if rec is None:
+        return f"node {name}"
+    return (f"node {name} in module '{rec.module or '<model>'}'"
+            + (f" ({rec.source})" if rec.source else ""))
+
+
+def _exportable(gm: fx.GraphModule, ctx: Context, stage: str) -> None:
+    """After decomposition no backward op and no prims op may remain: torch.onnx has no
+    translation for some and translates others wrongly."""
+    for n in gm.graph.nodes:
+        target = str(n.target)
+        if n.op == "call_function" and ("backward" in target or target.startswith("prims.")):
+            raise ExportError(
+                f"{n.target} (from {describe(n)}) has no correct ONNX translation and no "
+                "decomposition; it cannot be exported"
+            )
+
+
+EXPORTABLE = Condition("exportable", _exportable)
+"""no backward op and no prims op: everything left has a correct ONNX translation"""

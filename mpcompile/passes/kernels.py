@@ -26,7 +26,9 @@ import torch
 import torch.fx as fx
 
 from ..codegen.spec import Conv, Epilogue, KernelSpec, Kind, SpecError, Tile, widest_vec
-from ..meta import MP, NodeRecord, dtype_name, is_getitem, record, update, val_dtype
+from ..dtypes import dtype_name
+from ..fxutil import is_getitem, val_dtype
+from ..records import MP, NodeRecord, record, update
 from ..runtime.kernel import ConvArgs, KernelCall
 from .context import Context
 
@@ -60,7 +62,7 @@ def enabled(ctx: Context) -> bool:
 
 
 def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
-    from ..meta import copy_module
+    from ..fxutil import copy_module
 
     gm = copy_module(gm)
     if not enabled(ctx):
