@@ -32,6 +32,10 @@ class Program:
     example: tuple[tuple, dict]  # the inputs it was captured with (reports re-run them)
     modes: tuple[bool, ...] = ()  # every module's training flag at capture
 
+    def context(self, model: torch.nn.Module) -> Context:
+        """The pass context this program was compiled with (for further pipelines)."""
+        return Context(self.policy, self.device_type, model, self.captured.inputs)
+
     def output_dtypes(self) -> list[torch.dtype | None]:
         """dtypes of the model's flattened outputs, as captured (the FP32 model's)."""
         outs = self.captured.gm.graph.output_node().args[0]
@@ -120,7 +124,7 @@ def compile_program(model: torch.nn.Module, args: tuple, kwargs: dict,
                    (tuple(args), dict(kwargs)), tuple(m.training for m in model.modules()))
 
 
-def _as_args(example_inputs: Any) -> tuple:
+def as_args(example_inputs: Any) -> tuple:
     if example_inputs is None:
         return ()
     if isinstance(example_inputs, tuple):
@@ -301,5 +305,5 @@ def convert(model: torch.nn.Module, example_inputs: Any = None, *,
     policy.check_pins(model)
     mp = MixedPrecisionModule(model, policy, recapture=recapture, cache_size=cache_size)
     if example_inputs is not None or example_kwargs:
-        mp.program_for(_as_args(example_inputs), dict(example_kwargs or {}))
+        mp.program_for(as_args(example_inputs), dict(example_kwargs or {}))
     return mp

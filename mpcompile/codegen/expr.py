@@ -11,6 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import KernelError
+
+
+class SymbolicError(KernelError, TypeError):
+    """A symbolic index expression was used where a concrete value is needed."""
+
 
 class Sym:
     """A C++ integer (or boolean) expression."""
@@ -27,7 +33,8 @@ class Sym:
         return f"Sym({self.code!r})"
 
     def __bool__(self) -> bool:  # a symbolic value has no truth value at render time
-        raise TypeError(f"cannot branch on the symbolic value {self.code}; use where()")
+        raise SymbolicError(f"cannot branch on the symbolic value {self.code}: write the "
+                            "condition as an expression (all_of, comparisons)")
 
 
 def _code(x: Any) -> str:
@@ -37,7 +44,7 @@ def _code(x: Any) -> str:
         return "true" if x else "false"
     if isinstance(x, int):
         return str(x) if x >= 0 else f"({x})"
-    raise TypeError(f"cannot render {x!r} in an index expression")
+    raise SymbolicError(f"cannot render {x!r} in an index expression")
 
 
 def _binop(op: str, fold):
@@ -88,17 +95,6 @@ for _name, (_op, _fold) in _OPS.items():
         setattr(Sym, f"__r{_name}__", lambda self, other, _f=_f: _f(other, self))
 
 Sym.__hash__ = lambda self: hash(self.code)  # __eq__ is symbolic; keep Sym hashable
-
-
-def where(cond, a, b):
-    """``cond ? a : b`` for Sym, ``numpy.where`` for arrays, plain choice for Python values."""
-    if isinstance(cond, Sym) or isinstance(a, Sym) or isinstance(b, Sym):
-        return Sym(f"({_code(cond)} ? {_code(a)} : {_code(b)})")
-    if isinstance(cond, bool):
-        return a if cond else b
-    import numpy as np
-
-    return np.where(cond, a, b)
 
 
 def all_of(*conds):

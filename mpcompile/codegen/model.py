@@ -10,48 +10,26 @@ a plain matmul in the tests, on shapes that are not tile multiples.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
+from ..errors import KernelError
 from . import mapping as mp
+from .epilogue import OPS, Operands, round_to
 from .spec import KernelSpec, Kind
 
-_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-
-def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Round float64 values to ``dtype`` (nearest even) and back to float64."""
-    return torch.from_numpy(np.asarray(x, dtype=np.float64)).to(_TORCH[dtype]).double().numpy()
-
-
-def gelu(x):
-    erf = np.vectorize(math.erf)
-    return 0.5 * x * (1 + erf(x / math.sqrt(2)))
-
-
-def gelu_tanh(x):
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+class ModelCheckError(KernelError, AssertionError):
+    """The model found what the hardware would not report: colliding copies, a misaligned
+    ldmatrix address, a fragment layout that misses or repeats an element, a double store."""
 
 
 def epilogue(spec: KernelSpec, acc: np.ndarray, cols: np.ndarray, bias, scale: float):
     """The epilogue ops on FP32-accumulated values (float64 here), before the final cast."""
-    x = acc
+    o = Operands(spec.dtype, None if bias is None else bias[cols], scale)
     for op in spec.epilogue.ops:
-        if op == "scale":
-            x = x * scale
-        elif op == "bias_n":
-            x = x + bias[cols]
-        elif op == "relu":
-            x = np.maximum(x, 0)
-        elif op == "gelu":
-            x = gelu(x)
-        elif op == "gelu_tanh":
-            x = gelu_tanh(x)
-        elif op == "round":
-            x = round_to(x, spec.dtype)
-    return x
+        acc = OPS[op].numpy(acc, o)
+    return acc
 
 
 def _load_tile(at, mem, kcontig: bool, width: int, rows: int, vec: int, tile0: int, k0: int,
@@ -74,14 +52,14 @@ def _load_tile(at, mem, kcontig: bool, width: int, rows: int, vec: int, tile0: i
         np.add.at(written, slot, 1)
         smem[slot] = vals
     if not (written == 1).all():
-        raise AssertionError("copies of a tile collide in shared memory or leave holes")
+        raise ModelCheckError("copies of a tile collide in shared memory or leave holes")
     return smem
 
 
 def _ldmatrix(smem, width, lanes_row, lanes_col, trans):
     """Registers (4 matrices x 2 elements per lane) an ldmatrix.x4 delivers to the 32 lanes."""
     if (np.asarray(lanes_col) % 8).any():
-        raise AssertionError("ldmatrix row address not 16-byte aligned")
+        raise ModelCheckError("ldmatrix row address not 16-byte aligned")
     base = mp.smem_offset(lanes_row, lanes_col, width)
     rows = np.stack([smem[base + c] for c in range(8)], axis=1)  # [32 lanes][8 elements]
     lane = np.arange(32)
@@ -103,7 +81,7 @@ def _assemble(shape, lane_elems, mapping):
         out[r, c] = lane_elems[:, i]
         np.add.at(seen, (r, c), 1)
     if not (seen == 1).all():
-        raise AssertionError("fragment layout does not cover the operand tile exactly once")
+        raise ModelCheckError("fragment layout does not cover the operand tile exactly once")
     return out
 
 
@@ -173,7 +151,7 @@ def run(spec: KernelSpec, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None 
                                 np.add.at(partial, dst, vals[ok])
                                 np.add.at(written, dst, 1)
     if (written[written > 0] != 1).any():
-        raise AssertionError("two threads store the same output element")
+        raise ModelCheckError("two threads store the same output element")
     if spec.split_k > 1:
         return partial.reshape(spec.split_k, -1).sum(0)
     out[:] = partial if spec.epilogue.out == "float32" else round_to(partial, spec.epilogue.out)

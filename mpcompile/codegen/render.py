@@ -8,16 +8,27 @@ compile-time constants: a kernel is specialised to one matmul or convolution of 
 
 from __future__ import annotations
 
+from ..dtypes import info
 from . import mapping as mp
+from .epilogue import OPS
 from .expr import Sym, all_of, render
 from .spec import KernelSpec, Kind
 
-_MMA = {
-    "float16": "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
-    "bfloat16": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
-}
-_TO_LOW = {"float16": "cvt.rn.f16.f32", "bfloat16": "cvt.rn.bf16.f32"}
-_C_TYPE = {"float16": "u16", "bfloat16": "u16", "float32": "float"}
+
+def _short(dtype: str) -> str:
+    """f16 / bf16 / f32: the type suffix of PTX instructions and of the prelude's helpers."""
+    return info(dtype).short
+
+
+def _c_type(dtype: str) -> str:
+    """How a buffer of ``dtype`` is declared: 16-bit floats as raw ``u16`` (converted by PTX)."""
+    return "u16" if info(dtype).is_low else "float"
+
+
+def _cvt(dtype: str) -> str:
+    """Prefix of the prelude's helper that reads one ``dtype`` element as float:
+    ``f16_to_f32``, ``bf16_to_f32``, ``float32_to_f32``."""
+    return _short(dtype) if info(dtype).is_low else dtype
 
 _PRELUDE = r"""
 typedef unsigned short u16;
@@ -113,6 +124,8 @@ def _fragments(spec: KernelSpec) -> str:
     lda = "ldsm_x4" if spec.a_kcontig else "ldsm_x4_t"
     ldb = "ldsm_x4" if spec.b_kcontig else "ldsm_x4_t"
     a_tile, b_tile = t.bm * t.bk, t.bk * t.bn
+    low = _short(spec.dtype)  # FP32 accumulators, f16/bf16 operands
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{low}.{low}.f32"
     return f"""
       #pragma unroll
       for (int ks = 0; ks < {t.bk}; ks += 16) {{
@@ -130,7 +143,7 @@ def _fragments(spec: KernelSpec) -> str:
         for (int mi = 0; mi < {t.mi}; ++mi)
           #pragma unroll
           for (int ni = 0; ni < {t.ni}; ++ni)
-            asm volatile("{_MMA[spec.dtype]} {{%0,%1,%2,%3}}, {{%4,%5,%6,%7}}, {{%8,%9}}, "
+            asm volatile("{mma} {{%0,%1,%2,%3}}, {{%4,%5,%6,%7}}, {{%8,%9}}, "
                          "{{%0,%1,%2,%3}};\\n"
                          : "+f"(acc[mi][ni][0]), "+f"(acc[mi][ni][1]), "+f"(acc[mi][ni][2]),
                            "+f"(acc[mi][ni][3])
@@ -141,29 +154,14 @@ def _fragments(spec: KernelSpec) -> str:
 
 def _epilogue(spec: KernelSpec) -> str:
     ep = spec.epilogue
-    low = "f16" if spec.dtype == "float16" else "bf16"
-    lines = []
-    for op in ep.ops:
-        if op == "scale":
-            lines.append("x *= scale;")
-        elif op == "bias_n":
-            src = {"float16": "f16", "bfloat16": "bf16", "float32": "float32"}[ep.bias_dtype]
-            lines.append(f"x += {src}_to_f32(bias[col]);")
-        elif op == "relu":
-            lines.append("x = fmaxf(x, 0.f);")
-        elif op == "gelu":
-            lines.append("x = 0.5f * x * (1.f + erff(x * 0.7071067811865476f));")
-        elif op == "gelu_tanh":
-            lines.append("x = 0.5f * x * (1.f + tanhf(0.7978845608028654f * "
-                         "(x + 0.044715f * x * x * x)));")
-        elif op == "round":
-            lines.append(f"x = {low}_to_f32(f32_to_{low}(x));")
+    lines = [OPS[op].c.format(low=_short(spec.dtype), bias=_cvt(ep.bias_dtype))
+             for op in ep.ops]
     if spec.split_k > 1:  # each split writes its own FP32 partial; the caller sums them
         store = f"C[(long long)split * {spec.m * spec.c_ld} + off] = x;"
     elif ep.out == "float32":
         store = "C[off] = x;"
     else:
-        store = f"C[off] = f32_to_{'f16' if ep.out == 'float16' else 'bf16'}(x);"
+        store = f"C[off] = f32_to_{_short(ep.out)}(x);"
     row, col = mp.c_coords(Sym("lane"), Sym("i"), Sym("m0") + Sym("wm0") + Sym("mi") * 16,
                            Sym("n0") + Sym("wn0") + Sym("ni") * 8)
     body = "\n            ".join(lines)
@@ -189,8 +187,8 @@ def render_source(spec: KernelSpec) -> str:
     """The CUDA C++ source of ``spec``'s kernel, entry point ``spec.name``."""
     t, ep = spec.tile, spec.epilogue
     wm0, wn0 = mp.warp_origin(Sym("warp"), t.wtm, t.wtn, t.warps_n)
-    c_t = "float" if spec.split_k > 1 else _C_TYPE[ep.out]
-    bias_t = _C_TYPE[ep.bias_dtype]
+    c_t = "float" if spec.split_k > 1 else _c_type(ep.out)
+    bias_t = _c_type(ep.bias_dtype)
     per_split = spec.k_per_split
     header = (f"// mpcompile kernel {spec.name}: {spec.kind.value} {spec.dtype} "
               f"m={spec.m} n={spec.n} k={spec.k} batch={spec.batch} split_k={spec.split_k}\n"

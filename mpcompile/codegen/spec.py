@@ -21,12 +21,13 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from ..dtypes import FLOAT32, FLOATS
+from ..errors import KernelError
+from .epilogue import LINEAR, NAMES  # LINEAR: the only ops allowed before a split-K sum
 from .expr import all_of
 
-KERNEL_DTYPES = ("float16", "bfloat16")
-OUT_DTYPES = ("float16", "bfloat16", "float32")
-EPILOGUE_OPS = ("scale", "bias_n", "relu", "gelu", "gelu_tanh", "round")
-LINEAR_OPS = ("scale",)  # the only ops allowed before a split-K reduction
+KERNEL_DTYPES = tuple(f.name for f in FLOATS if f.is_low)  # float16, bfloat16
+OUT_DTYPES = (*KERNEL_DTYPES, FLOAT32.name)
 SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 MAX_SMEM = min(SMEM_LIMIT.values())
 
@@ -39,7 +40,7 @@ def widest_vec(*extents: int) -> int:
     return 1
 
 
-class SpecError(ValueError):
+class SpecError(KernelError, ValueError):
     """A kernel spec that cannot be built (says why)."""
 
 
@@ -160,9 +161,9 @@ class Epilogue:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ops", tuple(self.ops))
-        bad = [o for o in self.ops if o not in EPILOGUE_OPS]
+        bad = [o for o in self.ops if o not in NAMES]
         if bad:
-            raise SpecError(f"epilogue ops {bad} unknown; known: {EPILOGUE_OPS}")
+            raise SpecError(f"epilogue ops {bad} unknown; known: {NAMES}")
         if len(set(self.ops)) != len(self.ops):
             raise SpecError(f"epilogue {self.ops} repeats an op")
         if self.out not in OUT_DTYPES or self.bias_dtype not in OUT_DTYPES:
@@ -221,10 +222,10 @@ class KernelSpec:
                     f"vec_{name}={vec} does not divide operand {name}'s contiguous extent "
                     f"{extent} and stride {ld}: chunks would straddle rows (use a smaller vec)")
         if self.split_k > 1:
-            if any(o not in LINEAR_OPS for o in self.epilogue.ops) or \
+            if any(o not in LINEAR for o in self.epilogue.ops) or \
                     self.epilogue.out != "float32" or self.batch > 1:
                 raise SpecError("split-K writes FP32 partials that are summed afterwards: only "
-                                f"linear epilogue ops {LINEAR_OPS}, a float32 output, no batch")
+                                f"linear epilogue ops {LINEAR}, a float32 output, no batch")
         if self.tile.smem_bytes > MAX_SMEM:
             raise SpecError(f"tile needs {self.tile.smem_bytes} B of shared memory "
                             f"(> {MAX_SMEM} on sm_80)")

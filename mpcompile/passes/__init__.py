@@ -5,7 +5,8 @@ runner checks the common invariants (fx lint, fake-tensor dtype propagation, pro
 node) and the pass's ``ensures``, and records the graph under the pass's name.
 
     FORWARD     what ``convert`` compiles: the mixed-precision graph (the artefact users read)
-    TRAINING    the forward of a training step; ``train.trace`` then builds the step graph on it
+    TRAINING    applied to FORWARD's graph for a training step; ``train.trace`` then builds the
+                step graph on it
     EXECUTION   applied to the graph that runs (forward or step): generated kernels
     EXPORT_FORWARD, EXPORT_FORWARD_FP32_WEIGHTS, EXPORT_STEP   before ``torch.onnx.export``
 """
@@ -37,7 +38,7 @@ DECOMPOSE = Pass("decompose", decompose.run, "re-trace with the export decomposi
                  ensures=(decompose.EXPORTABLE,))
 
 FORWARD = (CLASSIFY, ASSIGN, CASTS, CLEANUP)
-TRAINING = (*FORWARD, WORKING_COPIES)
+TRAINING = (WORKING_COPIES,)
 EXECUTION = (KERNELS,)
 EXPORT_FORWARD = (WORKING_COPIES, LEGALIZE)
 EXPORT_FORWARD_FP32_WEIGHTS = (LEGALIZE,)

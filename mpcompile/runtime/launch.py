@@ -8,13 +8,14 @@ import ctypes
 import torch
 
 from ..codegen.spec import KernelSpec
+from ..errors import KernelError
 from .nvrtc import Compiled
 
 _SMEM_DEFAULT_LIMIT = 48 * 1024
 
 
-class LaunchError(RuntimeError):
-    pass
+class LaunchError(KernelError):
+    """A CUDA driver call failed, or a launch was given tensors on another device."""
 
 
 def _ok(result):

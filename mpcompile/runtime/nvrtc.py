@@ -1,5 +1,5 @@
 """CUDA C++ -> cubin with NVRTC (``cuda-bindings`` + the ``nvidia-cuda-nvrtc`` wheel), cached on
-disk by hash(source, options, NVRTC version, arch); ``nvcc`` as a debugging fallback.
+disk by hash(source, options, NVRTC version, arch).
 
 We ship cubins, not PTX: PTX from a newer NVRTC may not load on an older driver, SASS does.
 Compiling needs no GPU, so CI compiles every kernel variant and reads the ptxas report.
@@ -10,16 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MPCompileError
+from ..errors import KernelError
 
 
-class CompileError(MPCompileError):
+class CompileError(KernelError):
     """A generated kernel did not compile (the log says why)."""
 
 
@@ -129,19 +126,3 @@ def compile_cubin(source: str, name: str, arch: str, use_cache: bool = True) -> 
         stem.with_suffix(".log").write_text(log)
         tmp.replace(stem.with_suffix(".cubin"))
     return Compiled(name, arch, cubin, log, parse_ptxas(log), False)
-
-
-def compile_with_nvcc(source: str, name: str, arch: str) -> Compiled:
-    """The same with ``nvcc -cubin`` (a debugging fallback when NVRTC is missing)."""
-    exe = shutil.which("nvcc")
-    if exe is None:
-        raise CompileError("neither NVRTC (pip install mpcompile[gpu]) nor nvcc is available")
-    with tempfile.TemporaryDirectory() as d:
-        src = Path(d) / f"{name}.cu"
-        src.write_text(source)
-        out = Path(d) / f"{name}.cubin"
-        r = subprocess.run([exe, "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v",
-                            str(src), "-o", str(out)], capture_output=True, text=True)
-        if r.returncode:
-            raise CompileError(f"nvcc could not compile {name} for {arch}:\n{r.stderr[-3000:]}")
-        return Compiled(name, arch, out.read_bytes(), r.stderr, parse_ptxas(r.stderr), False)

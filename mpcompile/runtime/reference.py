@@ -8,30 +8,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..codegen.epilogue import OPS, Operands, channel_view
 from ..codegen.spec import Epilogue
-
-_DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from ..dtypes import from_name
 
 
 def apply_epilogue(x: torch.Tensor, ep: Epilogue, dtype: str, bias: torch.Tensor | None,
                    scale: torch.Tensor | None, channel_dim: int = -1) -> torch.Tensor:
     """``x`` FP32; ``bias`` indexes the output's N dimension (``channel_dim``)."""
+    o = Operands(dtype, None if bias is None else channel_view(bias, x.dim(), channel_dim), scale)
     for op in ep.ops:
-        if op == "scale":
-            x = x * scale.to(torch.float32)
-        elif op == "bias_n":
-            shape = [1] * x.dim()
-            shape[channel_dim] = -1
-            x = x + bias.to(torch.float32).reshape(shape)
-        elif op == "relu":
-            x = torch.relu(x)
-        elif op == "gelu":
-            x = F.gelu(x)
-        elif op == "gelu_tanh":
-            x = F.gelu(x, approximate="tanh")
-        elif op == "round":
-            x = x.to(_DT[dtype]).to(torch.float32)
-    return x.to(_DT[ep.out])
+        x = OPS[op].torch(x, o)
+    return x.to(from_name(ep.out))
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, ep: Epilogue, dtype: str,

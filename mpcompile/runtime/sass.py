@@ -9,6 +9,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ..errors import KernelError
+
+
+class DisassemblyError(KernelError):
+    """cuobjdump could not read a cubin (its message says why)."""
+
 
 def _tool_dir() -> str | None:
     try:
@@ -33,6 +39,8 @@ def disassemble(cubin: bytes) -> str:
     if d:
         env["PATH"] = d + os.pathsep + env.get("PATH", "")
     exe = str(Path(d) / "cuobjdump") if d else shutil.which("cuobjdump")
+    if exe is None:
+        raise DisassemblyError("cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
@@ -40,7 +48,7 @@ def disassemble(cubin: bytes) -> str:
     finally:
         os.unlink(f.name)
     if r.returncode:
-        raise RuntimeError(f"cuobjdump failed: {r.stderr.strip()}")
+        raise DisassemblyError(f"cuobjdump failed: {r.stderr.strip()}")
     return r.stdout
 
 

@@ -1,0 +1,121 @@
+"""``compile_train_step``: the paper's whole training step as one fx graph.
+
+    capture + passes.FORWARD (train mode)      the mixed-precision forward, as ``convert``
+    passes.TRAINING                            weight casts -> working-copy inputs
+    layout.build                               the state: masters, working copies, optimizer
+                                               state, buffers, scale, counters
+    trace.trace + provenance.finish            forward, loss, x S, autograd backward, unscale,
+                                               found_inf, [clip], update, gate, working copies,
+                                               scale update; a record on every node
+    passes.EXECUTION                           generated kernels where Policy.kernels allows
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .. import optim, passes, scaling
+from ..api import as_args, compile_program
+from ..capture import module_modes, restore_modes
+from ..checks import check
+from ..errors import TrainStepError
+from ..passes.working_copies import working
+from ..policy import Policy
+from . import layout as state_layout
+from .provenance import finish, mark_forward
+from .step import CompiledStep, TrainStep, batch_signature
+from .trace import StepSpec, trace
+
+
+def compile_train_step(model: torch.nn.Module, loss_fn: Callable, example_inputs: Any,
+                       example_targets: Any, *, optimizer: Any,
+                       dtype: torch.dtype | None = None, loss_scale: Any = "default",
+                       policy: Policy | None = None, max_grad_norm: float | None = None,
+                       master_weights: bool = True) -> TrainStep:
+    """Compile one mixed-precision training step of ``model`` into a single fx graph.
+
+    Args:
+        model: the FP32 model (left untouched; the step keeps its own state, see
+            :meth:`TrainStep.to_module`).
+        loss_fn: ``loss_fn(outputs, *targets) -> scalar``.
+        example_inputs, example_targets: a tensor or tuple of tensors; the step is specialised
+            to their shapes and dtypes.
+        optimizer: a ``torch.optim.SGD``/``Adam``/``AdamW`` built on ``model.parameters()``
+            (hyperparameters and per-group lr/weight decay are read from it, and its
+            ``param_groups[i]["lr"]`` is read at every step, so LR schedulers work), or an
+            ``mpcompile.optim.SGD/Adam/AdamW`` spec.
+        dtype: ``torch.float16`` (default) or ``torch.bfloat16``; or set it in ``policy``.
+        loss_scale: ``"dynamic"``, a number (static), ``None`` (off), or a
+            :class:`DynamicLossScale`. Default: dynamic for float16, off for bfloat16.
+        max_grad_norm: clip the unscaled gradients' total 2-norm to this.
+        master_weights: False is the paper's ablation, for experiments only: no FP32 master;
+            the optimizer's result is rounded straight into the low-precision weights, so
+            updates below half an ulp of a weight are lost.
+    """
+    policy = _policy(policy, dtype)
+    ls = scaling.resolve(loss_scale, policy.dtype)
+    inputs, targets = _batch(loss_fn, max_grad_norm, example_inputs, example_targets)
+    named = list(model.named_parameters())
+    plan = optim.plan_for(optimizer, named)
+    policy.check_pins(model)
+
+    # the step trains: a model in eval mode is captured as after model.train(); a model already
+    # in train mode keeps the modes of its submodules (e.g. a batch norm frozen with .eval())
+    modes = module_modes(model)
+    if not model.training:
+        model.train()
+    try:
+        program = compile_program(model, inputs, {}, policy)
+    finally:
+        restore_modes(modes)
+    fwd = passes.run(passes.TRAINING, program.graph_module, program.context(model),
+                     graphs={k: v for k, v in program.stages.items()
+                             if k not in {p.name for p in passes.EXECUTION}})
+    mark_forward(fwd.gm)
+    has_copy = working(fwd.ctx)
+    keep_master = tuple(fqn for fqn, _ in named if master_weights or fqn not in has_copy)
+    layout, values = state_layout.build(model, plan, has_copy, keep_master, policy.dtype, ls)
+    spec = StepSpec(fwd.gm, fwd.ctx.inputs, program.captured, layout, plan, ls, policy.dtype,
+                    max_grad_norm, loss_fn, len(inputs), keep_master)
+    dev = values[0].device
+    lrs = [torch.tensor(g.lr, dtype=torch.float64, device=dev) for g in plan.groups]
+    input_names = (*layout.names, *(f"lr{i}" for i in range(len(lrs))),
+                   *(f"input{i}" for i in range(len(inputs))),
+                   *(f"target{i}" for i in range(len(targets))))
+    roles = ["state"] * len(layout.names) + ["lr"] * len(lrs) + ["input"] * len(inputs) \
+        + ["target"] * len(targets)
+    gm = trace(spec, [*values, *lrs, *inputs, *targets])
+    gm = check(finish(gm, fwd.gm, list(zip(roles, input_names))), "train_step")
+    graphs = {**fwd.graphs, "train_step": gm}
+    run = passes.run(passes.EXECUTION, gm, fwd.ctx, graphs=graphs)
+    compiled = CompiledStep(
+        forward=program, stages=run.graphs, graph_module=gm, executable=run.gm, layout=layout,
+        plan=plan, loss_scale=ls, policy=policy, master_weights=master_weights,
+        max_grad_norm=max_grad_norm, batch_signature=batch_signature(inputs, targets),
+        input_names=input_names, n_model_inputs=len(inputs))
+    lr_source = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+    return TrainStep(model, compiled, values, lr_source)
+
+
+def _policy(policy: Policy | None, dtype: torch.dtype | None) -> Policy:
+    if policy is None:
+        return Policy(dtype=dtype if dtype is not None else torch.float16)
+    if dtype is not None and dtype != policy.dtype:
+        raise TrainStepError(f"dtype={dtype} conflicts with policy.dtype={policy.dtype}")
+    return policy
+
+
+def _batch(loss_fn, max_grad_norm, example_inputs, example_targets) -> tuple[tuple, tuple]:
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise TrainStepError(f"max_grad_norm must be positive, got {max_grad_norm}")
+    if not callable(loss_fn):
+        raise TrainStepError("loss_fn must be callable: loss_fn(outputs, *targets) -> scalar")
+    inputs, targets = as_args(example_inputs), as_args(example_targets)
+    for where, group in (("example_inputs", inputs), ("example_targets", targets)):
+        for i, t in enumerate(group):
+            if not isinstance(t, torch.Tensor):
+                raise TrainStepError(f"{where}[{i}] is a {type(t).__name__}; pass tensors")
+    return inputs, targets

@@ -1,0 +1,100 @@
+"""The training step's state: what each entry is, its name, its initial value.
+
+The state is one flat list of tensors, the step graph's first inputs and first outputs, in the
+order of :class:`StateLayout`. Names are ``<kind>.<parameter or buffer FQN>[.<slot>]``:
+``master.fc.weight``, ``working.fc.weight``, ``opt.fc.weight.exp_avg``,
+``buffer.bn.running_mean``, and ``scale``, ``growth_tracker``, ``step``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .. import optim, scaling
+
+F32 = torch.float32
+
+# what the step graph returns after the new state, in order (grad_norm only with clipping)
+OUTPUTS = ("loss", "loss_scale", "skipped", "grad_norm")
+
+
+class StateKind(str, enum.Enum):
+    MASTER = "master"  # FP32 master weight
+    WORKING = "working"  # low-precision working copy the forward reads
+    OPT = "opt"  # FP32 optimizer state (momentum, exp_avg, ...)
+    BUFFER = "buffer"  # a model buffer (batch-norm statistics)
+    SCALE = "scale"  # the loss scale
+    GROWTH = "growth_tracker"  # clean steps since the last scale change
+    STEP = "step"  # optimizer steps taken
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_SCALARS = (StateKind.SCALE, StateKind.GROWTH, StateKind.STEP)
+
+
+def key(kind: StateKind, fqn: str = "", slot: str = "") -> str:
+    """The state name of ``kind`` for parameter/buffer ``fqn`` (and optimizer ``slot``)."""
+    if kind in _SCALARS:
+        return kind.value
+    return f"{kind.value}.{fqn}" + (f".{slot}" if slot else "")
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """The flat order of the step's state, and what each entry is."""
+
+    names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"state names repeat: {self.names}")
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+    def kind(self, name: str) -> StateKind:
+        return StateKind(name if name in {k.value for k in _SCALARS} else name.split(".")[0])
+
+    def of_kind(self, kind: StateKind) -> dict[str, str]:
+        """FQN -> state name of every entry of ``kind`` (optimizer slots keep their suffix)."""
+        prefix = f"{kind.value}."
+        return {n.removeprefix(prefix): n for n in self.names if n.startswith(prefix)}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+
+def build(model: torch.nn.Module, plan: optim.Plan, working: Sequence[str],
+          keep_master: Sequence[str], low: torch.dtype,
+          loss_scale: scaling.LossScale) -> tuple[StateLayout, list[torch.Tensor]]:
+    """The layout and the initial state: FP32 masters, working copies rounded from them,
+    zero optimizer state, copies of the buffers, the initial scale and zero counters."""
+    params = dict(model.named_parameters())
+    names: list[str] = []
+    values: list[torch.Tensor] = []
+
+    def add(name: str, value: torch.Tensor) -> None:
+        names.append(name)
+        values.append(value)
+
+    for fqn in keep_master:
+        add(key(StateKind.MASTER, fqn), params[fqn].detach().to(F32).clone())
+    for fqn in working:
+        add(key(StateKind.WORKING, fqn), params[fqn].detach().to(low).clone())
+    for fqn, gi in plan.group_of.items():
+        for slot, t in optim.init_state(plan.groups[gi], params[fqn]).items():
+            add(key(StateKind.OPT, fqn, slot), t)
+    for fqn, b in model.named_buffers():
+        add(key(StateKind.BUFFER, fqn), b.detach().clone())
+    dev = values[0].device if values else torch.device("cpu")
+    add(key(StateKind.SCALE), torch.tensor(scaling.initial_scale(loss_scale), dtype=F32,
+                                           device=dev))
+    add(key(StateKind.GROWTH), torch.tensor(0, dtype=torch.int32, device=dev))
+    add(key(StateKind.STEP), torch.tensor(0.0, dtype=F32, device=dev))
+    return StateLayout(tuple(names)), values

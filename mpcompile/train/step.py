@@ -1,0 +1,238 @@
+"""``TrainStep``: runs a compiled training step and holds its state between calls."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .. import optim, scaling
+from ..api import Program, as_args
+from ..capture import Signature, TensorSpec
+from ..dtypes import dtype_name
+from ..errors import SignatureError, TrainStepError
+from ..policy import Policy
+from .layout import OUTPUTS, StateKind, StateLayout, key
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step reports, as device tensors (read them when you choose: no sync here)."""
+
+    loss: torch.Tensor  # the unscaled loss
+    loss_scale: torch.Tensor  # the scale the next step will use
+    skipped: torch.Tensor  # bool: gradients were not finite, nothing was updated
+    grad_norm: torch.Tensor | None = None  # total norm of the unscaled gradients (clipping only)
+
+
+def batch_signature(inputs: tuple, targets: tuple) -> tuple:
+    return tuple((f"{kind}[{i}]", Signature.of((t,), {}, True).leaves[0])
+                 for kind, group in (("inputs", inputs), ("targets", targets))
+                 for i, t in enumerate(group))
+
+
+def _batch_mismatch(want: tuple, got: tuple) -> str:
+    if [k for k, _ in want] != [k for k, _ in got]:
+        return (f"it has {', '.join(k for k, _ in got) or 'nothing'}, the example had "
+                f"{', '.join(k for k, _ in want)}")
+    for (k, a), (_, b) in zip(want, got):
+        if a != b:
+            fmt = lambda x: str(x) if isinstance(x, TensorSpec) else x[1]  # noqa: E731
+            return f"{k} is {fmt(b)}, compiled for {fmt(a)}"
+    return "no difference"
+
+
+@dataclass(frozen=True)
+class CompiledStep:
+    """What :func:`compile_train_step` built: the graphs and everything fixed at compile time."""
+
+    forward: Program  # the forward as ``convert`` compiles it (the report describes it)
+    stages: dict[str, fx.GraphModule]  # every pass's graph, forward stages then the step's
+    graph_module: fx.GraphModule  # the step graph: mixed precision, before kernels
+    executable: fx.GraphModule  # what runs (generated kernels where Policy.kernels allows)
+    layout: StateLayout
+    plan: optim.Plan
+    loss_scale: scaling.LossScale
+    policy: Policy
+    master_weights: bool
+    max_grad_norm: float | None
+    batch_signature: tuple
+    input_names: tuple[str, ...]  # one per graph input: state names, lr<i>, input<i>, target<i>
+    n_model_inputs: int  # how many batch tensors the model takes (the rest are targets)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        n_extra = len(self.graph_module.graph.output_node().args[0]) - len(self.layout.names)
+        return (*(f"next.{n}" for n in self.layout.names), *OUTPUTS[:n_extra])
+
+
+class TrainStep:
+    """A compiled mixed-precision training step. See :func:`compile_train_step`."""
+
+    def __init__(self, model: torch.nn.Module, compiled: CompiledStep,
+                 state: Sequence[torch.Tensor], lr_source: torch.optim.Optimizer | None = None):
+        self._model = model
+        self._compiled = compiled
+        self._state: list[torch.Tensor] = list(state)
+        self._lr_source = lr_source
+        self._lr_override: list[float] | None = None
+
+    # -- what was compiled ---------------------------------------------------------------------
+
+    @property
+    def compiled(self) -> CompiledStep:
+        return self._compiled
+
+    layout = property(lambda self: self._compiled.layout, doc="the state's names and order")
+    plan = property(lambda self: self._compiled.plan, doc="optimizer groups and their specs")
+    policy = property(lambda self: self._compiled.policy)
+    dtype = property(lambda self: self._compiled.policy.dtype, doc="the low precision")
+    loss_scale_config = property(lambda self: self._compiled.loss_scale)
+    master_weights = property(lambda self: self._compiled.master_weights)
+    max_grad_norm = property(lambda self: self._compiled.max_grad_norm)
+    graph_module = property(lambda self: self._compiled.graph_module,
+                            doc="the step graph (mixed precision, before kernels)")
+    executable = property(lambda self: self._compiled.executable, doc="the graph that runs")
+    stages = property(lambda self: dict(self._compiled.stages), doc="every pass's graph")
+    input_names = property(lambda self: self._compiled.input_names,
+                           doc="one name per graph input: state, lr<i>, input<i>, target<i>")
+    output_names = property(lambda self: self._compiled.output_names,
+                            doc="next.<state> per state entry, then loss, loss_scale, skipped "
+                                "(and grad_norm with clipping)")
+    n_model_inputs = property(lambda self: self._compiled.n_model_inputs)
+
+    @property
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """The current state tensors, in ``layout`` order (the step's first inputs)."""
+        return tuple(self._state)
+
+    def example_args(self) -> list[torch.Tensor]:
+        """One argument per graph input: the current state, the learning rates (float64 0-dim)
+        and zeros shaped like the example batch."""
+        dev = self._state[0].device
+        lrs = [torch.tensor(x, dtype=torch.float64, device=dev) for x in self.learning_rates()]
+        batch = [torch.zeros(s.shape, dtype=s.dtype, device=s.device)
+                 for _, s in self._compiled.batch_signature]
+        return [*self._state, *lrs, *batch]
+
+    # -- running ---------------------------------------------------------------------------
+
+    def learning_rates(self) -> list[float]:
+        """The per-group learning rates the next step uses: ``set_lr``'s, else the passed torch
+        optimizer's (so its LR schedulers work), else the spec's."""
+        if self._lr_override is not None:
+            return list(self._lr_override)
+        if self._lr_source is not None:
+            return [float(g["lr"]) for g in self._lr_source.param_groups]
+        return [g.lr for g in self.plan.groups]
+
+    def set_lr(self, lr: float | Sequence[float]) -> None:
+        """Set the learning rate (one value for all param groups, or one per group); no
+        recompilation: the learning rate is a graph input."""
+        n = len(self.plan.groups)
+        lrs = [float(lr)] * n if isinstance(lr, (int, float)) else [float(x) for x in lr]
+        if len(lrs) != n or any(x < 0 for x in lrs):
+            raise TrainStepError(f"set_lr: give one non-negative lr or {n} (one per group)")
+        self._lr_override = lrs
+
+    def __call__(self, inputs: Any, targets: Any) -> StepResult:
+        return self.step(inputs, targets)
+
+    def step(self, inputs: Any, targets: Any) -> StepResult:
+        """One training step on a batch; the state advances in place of the old."""
+        inputs, targets = as_args(inputs), as_args(targets)
+        sig = batch_signature(inputs, targets)
+        want = self._compiled.batch_signature
+        if sig != want:
+            raise SignatureError(
+                "this batch does not match the example the step was compiled for: "
+                f"{_batch_mismatch(want, sig)}. Compile another step for it."
+            )
+        dev = self._state[0].device
+        lrs = [torch.tensor(x, dtype=torch.float64, device=dev) for x in self.learning_rates()]
+        batch = [t for t in (*inputs, *targets) if isinstance(t, torch.Tensor)]
+        outs = self.executable(*self._state, *lrs, *batch)
+        if self._lr_source is not None:
+            # this step is the optimizer's step: tell torch's LR schedulers, which otherwise
+            # warn that scheduler.step() came before optimizer.step()
+            self._lr_source._opt_called = True
+        n = len(self._state)
+        self._state = list(outs[:n])
+        rest = outs[n:]
+        return StepResult(rest[0], rest[1], rest[2], rest[3] if len(rest) > 3 else None)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masters, working copies, optimizer state, loss scale, good-step counter, step count
+        and buffers by name (tensors), plus the learning-rate override if one is set."""
+        out: dict[str, Any] = dict(zip(self.layout.names, self._state))
+        out["lr_override"] = None if self._lr_override is None else list(self._lr_override)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` returned; every entry is checked before anything
+        changes."""
+        names = self.layout.names
+        missing = [k for k in names if k not in state]
+        extra = [k for k in state if k not in names and k != "lr_override"]
+        if missing or extra:
+            raise TrainStepError(f"load_state_dict: missing {missing}, unexpected {extra}")
+        new = []
+        for name, cur in zip(names, self._state):
+            t = state[name]
+            if not isinstance(t, torch.Tensor) or t.shape != cur.shape or t.dtype != cur.dtype:
+                got = (f"{dtype_name(t.dtype)}{list(t.shape)}" if isinstance(t, torch.Tensor)
+                       else type(t).__name__)
+                raise TrainStepError(
+                    f"load_state_dict: {name} is {got}, expected "
+                    f"{dtype_name(cur.dtype)}{list(cur.shape)}"
+                )
+            new.append(t.detach().clone().to(cur.device))
+        self._state = new
+        lr = state.get("lr_override")
+        self._lr_override = None if lr is None else list(lr)
+
+    def value(self, name: str) -> torch.Tensor:
+        """One state tensor by name (``layout.names``)."""
+        return self._state[self.layout.index(name)]
+
+    def to_module(self) -> torch.nn.Module:
+        """A copy of the original model (its class, FP32) holding the current masters and
+        buffers."""
+        model = copy.deepcopy(self._model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                master = key(StateKind.MASTER, name)
+                src = self.value(master if master in self.layout
+                                 else key(StateKind.WORKING, name))
+                p.copy_(src.to(p.dtype))
+            for name, b in model.named_buffers():
+                buf = key(StateKind.BUFFER, name)
+                if buf in self.layout:
+                    b.copy_(self.value(buf))
+        return model
+
+    # -- inspection ------------------------------------------------------------------------
+
+    def explain(self, node: str | fx.Node) -> str:
+        """Why a node of the step graph (or of the graph that runs) does what it does."""
+        from ..explain import explain_node
+
+        gm = self.graph_module
+        if isinstance(node, str) and not any(n.name == node for n in gm.graph.nodes):
+            gm = self.executable
+        return explain_node(gm, node, self._compiled.stages)
+
+    def report(self, measure: bool = False):
+        """The core report of the forward, plus the training-only nodes and the state sizes
+        (a :class:`TrainReport`)."""
+        from ..report import build_report
+        from .report import build_train_report
+
+        return build_train_report(self, build_report(self._compiled.forward, self._model,
+                                                     measure_calls=measure))

@@ -1,0 +1,210 @@
+"""Trace one training step into an fx graph.
+
+The step is a pure function of (state, learning rates, batch) -> (new state, loss, scale,
+skipped[, grad norm]), traced once with ``make_fx`` in fake mode:
+
+    inputs -> forward (fx.Interpreter over the forward graph, weights as working copies)
+    -> loss -> loss x S -> autograd.grad -> the phases in ``phases.py``
+
+Each part runs inside ``provenance.phase`` so its nodes know what they are.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.fx.traceback as fx_traceback
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .. import optim, scaling
+from ..capture import Binding, BindingKind, Captured
+from ..errors import MPCompileError, TrainStepError
+from . import phases
+from .layout import StateKind, StateLayout, key
+from .provenance import hook_backward, phase
+
+F32 = torch.float32
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """Everything the traced step depends on."""
+
+    forward: fx.GraphModule  # the mixed-precision forward, weights as working-copy inputs
+    bindings: tuple[Binding, ...]  # what each of its placeholders is
+    captured: Captured  # output bindings and structure of the model
+    layout: StateLayout
+    plan: optim.Plan
+    loss_scale: scaling.LossScale
+    low: torch.dtype
+    max_grad_norm: float | None
+    loss_fn: Callable
+    n_inputs: int  # tensors of the batch that are model inputs (the rest are targets)
+    keep_master: tuple[str, ...]  # parameters with an FP32 master (all, unless the ablation)
+
+
+def trace(spec: StepSpec, example: list[torch.Tensor]) -> fx.GraphModule:
+    """``make_fx`` of the step on ``example`` (state, lrs, batch); errors become
+    ``TrainStepError`` naming what failed."""
+    step = _step_function(spec)
+    try:
+        with fx_traceback.preserve_node_meta():
+            return make_fx(step, tracing_mode="fake")(*example)
+    except MPCompileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a loss_fn that cannot be traced, etc.
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainStepError(f"could not trace the training step: {type(e).__name__}: {msg}"
+                             ) from e
+
+
+def _step_function(spec: StepSpec) -> Callable:
+    n_state, n_groups = len(spec.layout.names), len(spec.plan.groups)
+
+    def step(*flat):
+        st = dict(zip(spec.layout.names, flat[:n_state]))
+        lrs = flat[n_state:n_state + n_groups]
+        batch = flat[n_state + n_groups:]
+        inputs, targets = batch[:spec.n_inputs], batch[spec.n_inputs:]
+        fp32_of, feed, leaves = _inputs(spec, st, inputs)
+        loss, grads, new_buffers = _forward_backward(spec, st, feed, leaves, targets)
+        with torch.no_grad():
+            g32, found, norm = _unscale(spec, st, grads)
+            new, step_now = _update(spec, st, lrs, g32, found, fp32_of)
+            with phase("gate", subject="buffers and step count"):
+                for fqn, v in new_buffers.items():
+                    name = key(StateKind.BUFFER, fqn)
+                    new[name] = phases.gate(found, st[name], v)
+                new["step"] = phases.gate(found, st["step"], step_now)
+            with phase("scale_update"):
+                new["scale"], new["growth_tracker"] = phases.scale_update(
+                    spec.loss_scale, st["scale"], st["growth_tracker"], found)
+            with phase("outputs"):
+                out = [new[k] for k in spec.layout.names]
+                out += [loss.detach().to(F32), new["scale"], found]
+                if norm is not None:
+                    out.append(norm)
+        return tuple(out)
+
+    return step
+
+
+def _inputs(spec: StepSpec, st: dict, inputs: tuple):
+    """(FP32 value per parameter, the forward's feed, the autograd leaves per parameter)."""
+    with phase("inputs"):
+        leaves: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+        def leaf(fqn: str, t: torch.Tensor) -> torch.Tensor:
+            if fqn in spec.plan.group_of:
+                t = t.detach().requires_grad_()
+                leaves[fqn].append(t)
+            return t
+
+        params = {b.target for b in spec.bindings if b.kind is BindingKind.PARAM}
+        fp32_of = {fqn: (st[key(StateKind.MASTER, fqn)] if fqn in spec.keep_master
+                         else st[key(StateKind.WORKING, fqn)].to(F32)) for fqn in params}
+        feed = []
+        for b in spec.bindings:
+            if b.kind is BindingKind.PARAM:
+                feed.append(leaf(b.target, fp32_of[b.target]))
+            elif b.kind is BindingKind.WORKING:
+                feed.append(leaf(b.target, st[key(StateKind.WORKING, b.target)]))
+            elif b.kind is BindingKind.BUFFER:
+                feed.append(st[key(StateKind.BUFFER, b.target)])
+            elif b.kind is BindingKind.CONST:
+                feed.append(b.target)
+            else:
+                feed.append(inputs[b.target])
+    return fp32_of, feed, leaves
+
+
+def _forward_backward(spec: StepSpec, st: dict, feed: list, leaves: dict, targets: tuple):
+    """(loss, gradient parts per parameter, new buffer values)."""
+    with torch.enable_grad():
+        outs = fx.Interpreter(spec.forward).run(*feed)
+        new_buffers, user = {}, []
+        for b, v in zip(spec.captured.outputs, outs):
+            if b.kind is BindingKind.BUFFER:
+                new_buffers[b.target] = v.detach()
+            else:
+                user.append(v)
+        with phase("loss"):
+            loss = spec.loss_fn(spec.captured.out_spec.unflatten(user), *targets)
+        _check_scalar(loss)
+        with phase("loss_scale"):
+            scaled_loss = phases.scale_loss(loss, st["scale"], spec.loss_scale is not None)
+        wrt = [t for fqn in spec.plan.group_of for t in leaves[fqn]]
+        handles = hook_backward(scaled_loss.grad_fn) if scaled_loss.grad_fn else []
+        try:
+            with phase("backward"):
+                grads = torch.autograd.grad(scaled_loss, wrt, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+    by_leaf = dict(zip(map(id, wrt), grads))
+    parts = {fqn: [by_leaf[id(t)] for t in leaves[fqn] if by_leaf[id(t)] is not None]
+             for fqn in spec.plan.group_of}
+    return loss, parts, new_buffers
+
+
+def _check_scalar(loss: Any) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or loss.dim() != 0:
+        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
+        raise TrainStepError(
+            f"loss_fn must return a scalar tensor, got {shape}: reduce it (e.g. .mean())")
+
+
+def _unscale(spec: StepSpec, st: dict, grads: dict):
+    """(unscaled FP32 gradient per parameter, found_inf, total norm or None)."""
+    scaled = spec.loss_scale is not None
+    g32: dict[str, torch.Tensor] = {}
+    with phase("unscale"):
+        inv = phases.inverse_scale(st["scale"]) if scaled else None
+        for fqn, parts in grads.items():
+            if not parts:
+                continue  # no gradient reaches it: frozen, as torch.optim skips it
+            with phase("unscale", subject=fqn):
+                g32[fqn] = phases.unscale(parts, inv)
+    with phase("found_inf"):
+        found = phases.found_inf(list(g32.values()), st["scale"].device)
+    norm = None
+    if spec.max_grad_norm is not None and g32:
+        with phase("clip"):
+            g32, norm = phases.clip(g32, spec.max_grad_norm)
+    return g32, found, norm
+
+
+def _update(spec: StepSpec, st: dict, lrs: tuple, g32: dict, found, fp32_of: dict):
+    """(the new state: optimizer updates on the masters, gated, and their working copies;
+    the step count including this step, ungated)."""
+    plan = spec.plan
+    with phase("update", subject="step count"):
+        step_now = st["step"] + 1
+    scalars = {}
+    for gi, group in enumerate(plan.groups):
+        with phase("update", subject=f"param group {gi}", spec=repr(group)):
+            scalars[gi] = optim.group_scalars(group, step_now, lrs[gi])
+    new = dict(st)
+    working = {b.target for b in spec.bindings if b.kind is BindingKind.WORKING}
+    for fqn, g in g32.items():
+        opt = plan.spec(fqn)
+        slots = {s: key(StateKind.OPT, fqn, s) for s in opt.state_names}
+        with phase("update", subject=fqn, spec=repr(opt)):
+            p = fp32_of[fqn]
+            p_new, s_new = phases.update(opt, p, g, {s: st[k] for s, k in slots.items()},
+                                         scalars[plan.group_of[fqn]])
+        with phase("gate", subject=fqn):
+            p_new = phases.gate(found, p, p_new)
+            for s, v in s_new.items():
+                new[slots[s]] = phases.gate(found, st[slots[s]], v)
+        if fqn in spec.keep_master:
+            new[key(StateKind.MASTER, fqn)] = p_new
+        if fqn in working or fqn not in spec.keep_master:
+            with phase("working_copy", subject=fqn):
+                new[key(StateKind.WORKING, fqn)] = phases.working_copy(p_new, spec.low)
+    return new, step_now
