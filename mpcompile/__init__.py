@@ -1,4 +1,8 @@
-"""mpcompile: compile a PyTorch model into a mixed-precision program (Micikevicius et al. 2018)."""
+"""mpcompile: compile a PyTorch model into a mixed-precision program (Micikevicius et al. 2018).
+
+``export_onnx``, ``export_graph`` and ``OrtTrainer`` need the ``[onnx]`` extra; they are imported
+on first use, so ``convert`` and ``compile_train_step`` work without onnx installed.
+"""
 
 from . import optim
 from .api import MixedPrecisionModule, Program, convert
@@ -6,6 +10,7 @@ from .errors import (
     BannedOpError,
     CaptureError,
     ExportError,
+    KernelError,
     MPCompileError,
     PassError,
     PolicyError,
@@ -13,19 +18,35 @@ from .errors import (
     TrainStepError,
     UnknownNodeError,
 )
-from .export import OrtTrainer, export_onnx
-from .report import Report
 from .policy import DEFAULT_TABLE, Entry, OpClass, Policy
+from .report import Report
 from .scaling import DynamicLossScale
 from .train import StepResult, TrainReport, TrainStep, compile_train_step
 
+_ONNX = ("OrtTrainer", "export_graph", "export_onnx")
+
+
+def __getattr__(name: str):
+    if name in _ONNX:
+        try:
+            from . import export
+        except ImportError as e:
+            raise ImportError(
+                f"mpcompile.{name} needs onnx, onnxscript and onnxruntime: "
+                "pip install 'mpcompile[onnx]'"
+            ) from e
+        return getattr(export, name)
+    raise AttributeError(f"module 'mpcompile' has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_TABLE",
-    "DynamicLossScale",
     "BannedOpError",
     "CaptureError",
+    "DynamicLossScale",
     "Entry",
     "ExportError",
+    "KernelError",
     "MPCompileError",
     "MixedPrecisionModule",
     "OpClass",
@@ -43,6 +64,7 @@ __all__ = [
     "UnknownNodeError",
     "compile_train_step",
     "convert",
+    "export_graph",
     "export_onnx",
     "optim",
 ]

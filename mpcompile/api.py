@@ -12,10 +12,14 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import passes
-from .capture import BindingKind, Captured, Signature, capture
+from .capture import BindingKind, Captured, capture
+from .dtypes import dtype_name
 from .errors import CaptureError, MPCompileError, PolicyError, SignatureError
+from .explain import explain, to_dot
 from .passes import Context
 from .policy import Policy
+from .report import build_report
+from .signature import Signature
 
 
 @dataclass
@@ -165,7 +169,7 @@ class MixedPrecisionModule(torch.nn.Module):
 
     def _get_name(self) -> str:
         return f"MixedPrecision[{type(self._original).__name__}, " \
-               f"{str(self._policy.dtype).removeprefix('torch.')}]"
+               f"{dtype_name(self._policy.dtype)}]"
 
     def train(self, mode: bool = True) -> MixedPrecisionModule:
         super().train(mode)
@@ -256,21 +260,15 @@ class MixedPrecisionModule(torch.nn.Module):
 
     def report(self, measure: bool = True):
         """Precision and cast statistics; see :class:`mpcompile.report.Report`."""
-        from .report import build_report
-
         return build_report(self.program, self._original, measure_calls=measure)
 
     def explain(self, node: str | fx.Node) -> str:
         """Why ``node`` (a node name in :attr:`graph_module`) runs in the precision it does."""
-        from .explain import explain
-
         return explain(self.program, node)
 
     def to_dot(self, path: str | None = None, stage: str | None = None) -> str:
         """The graph as Graphviz DOT coloured by precision; with ``path``, also write it there
         (and an SVG beside it when Graphviz ``dot`` is installed)."""
-        from .explain import to_dot
-
         return to_dot(self.program, path=path, stage=stage)
 
 

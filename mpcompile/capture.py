@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import dataclasses
 import io
 import logging
 import os
@@ -30,7 +29,7 @@ import traceback
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -40,140 +39,13 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from .errors import CaptureError
 from .records import MP, NodeRecord
+from .signature import OutSpec, Signature, TensorSpec, flatten_output
 
 aten = torch.ops.aten
 
 _KEEP_WHOLE = (aten.scaled_dot_product_attention.default,)
 _DROP = (aten._assert_tensor_metadata.default,)
 _PREFIX = "model."
-
-
-# --- input signatures -----------------------------------------------------------------------
-
-
-class TensorSpec(NamedTuple):
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
-
-    def __str__(self) -> str:
-        return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)} on {self.device}"
-
-
-@dataclass(frozen=True)
-class Signature:
-    """What a captured graph is specialised to: input structure, each input's shape/dtype/device
-    (or value, for non-tensors), and train/eval mode. Cheap to build: it is the cache key of
-    every call."""
-
-    structure: pytree.TreeSpec
-    leaves: tuple[Any, ...]  # TensorSpec or ("value", repr)
-    training: bool
-
-    @staticmethod
-    def of(args: tuple, kwargs: dict, training: bool) -> Signature:
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        return Signature(spec, tuple(
-            TensorSpec(tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor)
-            else ("value", repr(x)) for x in leaves), training)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Where each leaf sits: "args[0]", "kwargs['mask']"."""
-        dummy = pytree.tree_unflatten(list(range(len(self.leaves))), self.structure)
-        return tuple(_pretty_path(pytree.keystr(p))
-                     for p, _ in pytree.tree_flatten_with_path(dummy)[0])
-
-    def mismatch(self, other: Signature) -> str:
-        """A sentence naming the first difference between ``other`` and ``self``."""
-        if self.training != other.training:
-            return f"mode is {'train' if other.training else 'eval'}, captured in " + (
-                "train" if self.training else "eval")
-        if self.structure != other.structure or len(self.leaves) != len(other.leaves):
-            return (f"the inputs' structure is {', '.join(other.names) or '()'}, captured with "
-                    f"{', '.join(self.names) or '()'}")
-        for name, a, b in zip(self.names, self.leaves, other.leaves):
-            if a != b:
-                fmt = lambda x: str(x) if isinstance(x, TensorSpec) else x[1]  # noqa: E731
-                return f"{name} is {fmt(b)}, captured as {fmt(a)}"
-        return "no difference"
-
-
-def _pretty_path(p: str) -> str:
-    # pytree key strings look like "[0][1]" / "[1]['mask']" for (args, kwargs)
-    m = re.match(r"\[(\d)\](.*)", p)
-    if not m:
-        return p
-    return ("args" if m.group(1) == "0" else "kwargs") + m.group(2)
-
-
-# --- output structure ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OutSpec:
-    """How to rebuild the model's output from a flat list of tensors."""
-
-    kind: str  # "tensor" | "value" | "seq" | "namedtuple" | "dict" | "dataclass"
-    type: Any = None
-    keys: tuple = ()
-    children: tuple[OutSpec, ...] = ()
-    value: Any = None
-
-    def unflatten(self, leaves: list[torch.Tensor]) -> Any:
-        it = iter(leaves)
-        return self._build(it)
-
-    def _build(self, it):
-        if self.kind == "tensor":
-            return next(it)
-        if self.kind == "value":
-            return self.value
-        items = [c._build(it) for c in self.children]
-        if self.kind == "seq":
-            return self.type(items)
-        if self.kind == "namedtuple":
-            return self.type(*items)
-        if self.kind == "dict":
-            return self.type(zip(self.keys, items))
-        init = {k: v for (k, is_init), v in zip(self.keys, items) if is_init}
-        obj = self.type(**init)
-        for (k, is_init), v in zip(self.keys, items):
-            if not is_init:
-                object.__setattr__(obj, k, v)
-        return obj
-
-
-def flatten_output(out: Any, where: str = "output") -> tuple[list[torch.Tensor], OutSpec]:
-    leaves: list[torch.Tensor] = []
-
-    def go(x, path) -> OutSpec:
-        if isinstance(x, torch.Tensor):
-            leaves.append(x)
-            return OutSpec("tensor")
-        if x is None or isinstance(x, (bool, int, float, str, torch.dtype, torch.device)):
-            return OutSpec("value", value=x)
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            fields = dataclasses.fields(x)
-            kids = tuple(go(getattr(x, f.name), f"{path}.{f.name}") for f in fields)
-            return OutSpec("dataclass", type(x), tuple((f.name, f.init) for f in fields), kids)
-        if isinstance(x, tuple) and hasattr(x, "_fields"):
-            kids = tuple(go(v, f"{path}.{k}") for k, v in zip(x._fields, x))
-            return OutSpec("namedtuple", type(x), tuple(x._fields), kids)
-        if isinstance(x, (tuple, list)):
-            kids = tuple(go(v, f"{path}[{i}]") for i, v in enumerate(x))
-            return OutSpec("seq", type(x), (), kids)
-        if isinstance(x, dict):
-            kids = tuple(go(v, f"{path}[{k!r}]") for k, v in x.items())
-            return OutSpec("dict", type(x), tuple(x.keys()), kids)
-        raise CaptureError(
-            f"{path} is a {type(x).__qualname__}, which mpcompile cannot flatten into tensors: "
-            "return tensors, tuples, lists, dicts or dataclasses (or turn off what produces it, "
-            "e.g. use_cache=False for a Hugging Face model)"
-        )
-
-    spec = go(out, where)
-    return leaves, spec
 
 
 # --- capture --------------------------------------------------------------------------------
@@ -205,7 +77,7 @@ class Binding:
 class Captured:
     gm: fx.GraphModule
     inputs: tuple[Binding, ...]  # one per placeholder, in order
-    outputs: tuple[Binding, ...]  # one per graph output: ("buffer", fqn) or ("output", i)
+    outputs: tuple[Binding, ...]  # one per graph output: BUFFER (fqn) or OUTPUT (position)
     out_spec: OutSpec
     signature: Signature
     model_name: str
@@ -288,6 +160,36 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     box: list[OutSpec] = []
     flat = _Flat(model, leaves, spec, where, box.append)
     flat.training = model.training  # the wrapper only; the model's modules keep their own
+    ep = _export(flat, tensors, keep_whole, name, model)
+    out_spec = box[-1]
+    gm = ep.graph_module
+    sig = ep.graph_signature
+
+    inputs, outputs = _bindings(sig, ep, name)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _DROP:
+            gm.graph.erase_node(node)
+    signature = Signature.of(args, kwargs, model.training)
+    names = [n for n, leaf in zip(signature.names, signature.leaves)
+             if isinstance(leaf, TensorSpec)]
+    for node in gm.graph.nodes:
+        node.meta[MP] = NodeRecord("capture", *_module_of(node), source=_source_of(node))
+    for node, b in zip(gm.graph.find_nodes(op="placeholder"), inputs):
+        # p_model_fc_weight -> p_fc_weight; tensors_0 -> arg0 / input_ids
+        new = (_input_name(names[b.target]) if b.kind is BindingKind.INPUT
+               else node.name.replace("_model_", "_", 1))
+        if new != node.name:
+            node._rename(new)
+            node.target = node.name
+    gm.graph.lint()
+    gm.recompile()
+    return Captured(gm, tuple(inputs), tuple(outputs), out_spec, signature, name)
+
+
+def _export(flat: torch.nn.Module, tensors: tuple, keep_whole: Iterable[OpOverload], name: str,
+            model: torch.nn.Module):
+    """torch.export + run_decompositions; any failure is a CaptureError naming the model's
+    line. Every module's train/eval flag is left exactly as it was."""
     modes = module_modes(model)
     # On failure torch logs and prints a partial graph; we raise a CaptureError naming the
     # model's line instead. So: quiet that logger, and hold stderr, replaying it on success.
@@ -320,10 +222,11 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     finally:
         quiet.setLevel(level)
         restore_modes(modes)  # leave every module's train/eval flag exactly as it was
-    out_spec = box[-1]
-    gm = ep.graph_module
-    sig = ep.graph_signature
+    return ep
 
+
+def _bindings(sig, ep, name: str) -> tuple[list[Binding], list[Binding]]:
+    """What each placeholder is fed with and what each output is, from the export signature."""
     inputs: list[Binding] = []
     for s in sig.input_specs:
         if s.kind is InputKind.PARAMETER:
@@ -333,7 +236,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
         elif s.kind is InputKind.CONSTANT_TENSOR:
             inputs.append(Binding(BindingKind.CONST, ep.constants[s.target]))
         elif s.kind is InputKind.USER_INPUT:
-            inputs.append(Binding(BindingKind.INPUT, len([b for b in inputs if b.kind is BindingKind.INPUT])))
+            n_in = sum(1 for b in inputs if b.kind is BindingKind.INPUT)
+            inputs.append(Binding(BindingKind.INPUT, n_in))
         else:
             raise CaptureError(f"{name}: unsupported graph input kind {s.kind} ({s.target})")
     outputs: list[Binding] = []
@@ -354,25 +258,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
                 f"{name}: unsupported graph output kind {s.kind} ({s.target}); mutating "
                 "parameters inside forward is not supported"
             )
-
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _DROP:
-            gm.graph.erase_node(node)
-    signature = Signature.of(args, kwargs, model.training)
-    names = [n for n, leaf in zip(signature.names, signature.leaves)
-             if isinstance(leaf, TensorSpec)]
-    for node in gm.graph.nodes:
-        node.meta[MP] = NodeRecord("capture", *_module_of(node), source=_source_of(node))
-    for node, b in zip(gm.graph.find_nodes(op="placeholder"), inputs):
-        # p_model_fc_weight -> p_fc_weight; tensors_0 -> arg0 / input_ids
-        new = (_input_name(names[b.target]) if b.kind is BindingKind.INPUT
-               else node.name.replace("_model_", "_", 1))
-        if new != node.name:
-            node._rename(new)
-            node.target = node.name
-    gm.graph.lint()
-    gm.recompile()
-    return Captured(gm, tuple(inputs), tuple(outputs), out_spec, signature, name)
+    return inputs, outputs
 
 
 def _input_name(path: str) -> str:

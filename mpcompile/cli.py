@@ -9,13 +9,12 @@ import time
 import torch
 
 from .api import convert
+from .dtypes import from_name, unit_roundoff
 from .examples import EXAMPLES, batch, eager_step
 from .fxutil import is_cast
 from .policy import OpClass, table_rows
+from .records import MP
 from .train import compile_train_step
-
-_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16}
 
 
 def train_compiled(example, steps: int, lr: float, dtype: torch.dtype):
@@ -42,7 +41,7 @@ def train_autocast(example, steps: int, lr: float, dtype: torch.dtype) -> list[f
 
 
 def demo(args: argparse.Namespace) -> int:
-    dtype = _DTYPES[args.dtype]
+    dtype = from_name(args.dtype)
     example = EXAMPLES[args.model]
     model = example.build()
     x, _ = batch(example)
@@ -59,13 +58,13 @@ def demo(args: argparse.Namespace) -> int:
     out_t = out["logits"] if isinstance(out, dict) else out
     rel = ((out_t - ref_t).norm() / ref_t.norm()).item()
     print(f"output vs the FP32 model: relative error {rel:.2e} (unit roundoff of "
-          f"{args.dtype}: {torch.finfo(dtype).eps / 2:.1e}); output dtype {out_t.dtype}\n")
+          f"{args.dtype}: {unit_roundoff(dtype):.1e}); output dtype {out_t.dtype}\n")
     mp.train()
     print(mp.report())
     print("\n== why each op runs in its precision (mp.explain):\n")
     shown = set()
     for n in mp.graph_module.graph.nodes:
-        rec = n.meta.get("mp")
+        rec = n.meta.get(MP)
         if rec is None or n.op != "call_function":
             continue
         kind = "cast" if is_cast(n) and rec.created_by == "casts" else rec.op_class
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="convert a built-in model, explain it, and train it")
     d.add_argument("--model", choices=sorted(EXAMPLES), default="transformer")
-    d.add_argument("--dtype", choices=sorted(_DTYPES), default="float16")
+    d.add_argument("--dtype", choices=["bf16", "bfloat16", "float16", "fp16"], default="float16")
     d.add_argument("--steps", type=int, default=30, help="training steps (0: none)")
     d.add_argument("--lr", type=float, default=0.05)
     d.add_argument("--dot", help="write the rewritten graph as Graphviz DOT (and SVG) here")

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .errors import MPCompileError
 from .fxutil import arg_slots, is_cast, is_float, is_getitem, tensors_of, val_dtype
-
 from .records import record
 
 F32 = torch.float32
@@ -57,8 +57,8 @@ def cast_bytes(handle: fx.Node, src: torch.dtype, dst: torch.dtype) -> int:
     return int(n) * (src.itemsize + dst.itemsize)
 
 
-class ProbeError(Exception):
-    pass
+class ProbeError(MPCompileError):
+    """An op's kernel rejects a precision (caught by the assignment, which then keeps FP32)."""
 
 
 def retargeted(node: fx.Node, dtype: torch.dtype) -> tuple[tuple, dict] | None:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .capture import flatten_output
+from .signature import flatten_output
 
 aten = torch.ops.aten
 _CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device}

@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import shutil
-import subprocess
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.fx as fx
 
-from .errors import UnknownNodeError
-from .measure import Traffic, autocast_traffic, measure
-from .dtypes import dtype_name
-from .fxutil import arg_slots, is_cast, is_getitem, tensors_of, val_dtype
-from .records import MP, record
 from . import passes
+from .dtypes import dtype_name
+from .fxutil import is_cast, is_getitem, val_dtype
+from .measure import Traffic, autocast_traffic, measure
 from .passes import Context
+from .records import record
+from .runtime.kernel import KernelCall
 
 F32 = torch.float32
 
@@ -38,7 +34,7 @@ class CastInfo:
 
 @dataclass(frozen=True)
 class KernelInfo:
-    """One lowered matmul/convolution: which generated kernel, and what ran it last."""
+    """One matmul/convolution run by a generated kernel: which kernel, and what ran it last."""
 
     node: str
     kernel: str
@@ -53,8 +49,6 @@ class KernelInfo:
 
 
 def kernel_infos(gm: fx.GraphModule) -> tuple[KernelInfo, ...]:
-    from .runtime.kernel import KernelCall
-
     out = []
     for n in gm.graph.nodes:
         mod = gm.get_submodule(n.target) if n.op == "call_module" else None
@@ -86,7 +80,7 @@ class Report:
     local_cast_bytes: int  # static forward cast bytes of the local strategy
     measured: dict[str, Traffic] = field(default_factory=dict)  # forward+backward, real calls
     autocast_error: str | None = None  # torch.autocast could not run this model
-    kernels: tuple[KernelInfo, ...] = ()  # matmuls/convs lowered to generated kernels
+    kernels: tuple[KernelInfo, ...] = ()  # matmuls/convs run by generated kernels
 
     @property
     def cast_bytes(self) -> int:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
+from ..errors import ExportError
+
 BF16 = TensorProto.BFLOAT16
 F32 = TensorProto.FLOAT
 # ops onnxruntime's CPU provider runs in bfloat16 (data movement), seen with onnxruntime 1.32
@@ -57,7 +59,8 @@ def bf16_io_as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
         _rewire(g, vi.name, inner)
         for out in g.output:
             if out.name == vi.name:
-                raise ValueError(f"{vi.name} is both an input and an output")
+                raise ExportError(f"{vi.name} is both an input and an output: the bfloat16 face "
+                                  "cannot rename it")
         vi.type.tensor_type.elem_type = F32
         casts_in.append(helper.make_node("Cast", [vi.name], [inner], to=BF16,
                                          name=f"in_{vi.name}"))

@@ -34,18 +34,11 @@ import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 from onnx import numpy_helper
-from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..api import MixedPrecisionModule, Program
-from ..capture import module_modes, restore_modes
+from ..api import MixedPrecisionModule
 from ..errors import ExportError
-from ..dtypes import dtype_name
-from ..fxutil import copy_module
-from ..records import MP
-from ..passes import working_copies
 from ..train import TrainStep
-from ..passes import legalize
-from ..passes.decompose import export_decompositions
+from .parts import Parts, forward_parts, graph_parts, step_parts
 
 DEFAULT_IR_VERSION = 10  # onnx 1.23 writes 14; onnxruntime 1.31-1.32 loads at most 13
 # opset 22 is the first with bfloat16 on Conv and most arithmetic ops; float16 models keep
@@ -55,38 +48,7 @@ STANDARD_DOMAINS = ("", "ai.onnx")
 META_KEY = "mpcompile"
 
 
-# --- wrappers: an nn.Module torch.onnx can export -----------------------------------------------
-
-
-class _Run(torch.nn.Module):
-    """Runs ``gm`` on (constants held here as buffers) + (the forward's arguments)."""
-
-    def __init__(self, gm: fx.GraphModule, feed: list[tuple[str, Any]], keep: list[int]):
-        super().__init__()
-        self.gm = gm
-        self._feed = []  # ("buffer", name) | ("arg", index)
-        for i, (kind, value) in enumerate(feed):
-            if kind == "const":
-                self.register_buffer(f"c{i}", value)
-                self._feed.append(("buffer", f"c{i}"))
-            else:
-                self._feed.append(("arg", value))
-        self._keep = keep  # which graph outputs the exported model returns
-
-    def forward(self, *args):
-        feed = [getattr(self, v) if k == "buffer" else args[v] for k, v in self._feed]
-        outs = fx.Interpreter(self.gm).run(*feed)
-        return tuple(outs[i] for i in self._keep)
-
-
-def _annotate(gm: fx.GraphModule) -> dict[str, Any]:
-    """Tag each node with its name (kept through re-tracing); return name -> record."""
-    records = {}
-    for n in gm.graph.nodes:
-        n.meta["custom"] = {**(n.meta.get("custom") or {}), "mp_name": n.name}
-        if MP in n.meta:
-            records[n.name] = n.meta[MP]
-    return records
+# --- common -----------------------------------------------------------------------------------
 
 
 def _describe(name: str | None, records: dict) -> str:
@@ -95,128 +57,6 @@ def _describe(name: str | None, records: dict) -> str:
         return f"node {name}" if name else "an unnamed node"
     where = f" in module '{rec.module or '<model>'}'"
     return f"node {name}{where}" + (f" ({rec.source})" if rec.source else "")
-
-
-# --- forward ----------------------------------------------------------------------------------
-
-
-def _eval_program(mp: MixedPrecisionModule) -> Program:
-    """The eval-mode program of the latest input signature (compiled if needed); the module's
-    train/eval flags are left as they were."""
-    args, kwargs = mp.program.example
-    modes = [(mp, mp.training), *module_modes(mp.original)]
-    try:
-        mp.eval()
-        return mp._program_for(args, kwargs)
-    finally:
-        restore_modes(modes)
-
-
-def _forward_parts(mp: MixedPrecisionModule, keep_fp32_weights: bool):
-    prog = _eval_program(mp)
-    low = mp.policy.dtype
-    model = mp.original
-    args, kwargs = prog.example
-    inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
-              if isinstance(t, torch.Tensor)]
-    placeholders = list(prog.unlowered.graph.find_nodes(op="placeholder"))
-    if keep_fp32_weights:
-        gm, bindings = prog.unlowered, prog.captured.inputs
-    else:
-        wc = working_copies.run(prog.unlowered, prog.captured.inputs, low)
-        gm, bindings = wc.gm, wc.inputs
-    gm = copy_module(gm)
-    feed, example, in_names, defaults = [], [], [], {}
-    n_inputs = 0
-    for i, b in enumerate(bindings):
-        if b.kind == "input":
-            feed.append(("arg", len(example)))
-            example.append(inputs[b.target])
-            in_names.append(placeholders[i].name)
-            n_inputs += 1
-        elif b.kind == "param" and keep_fp32_weights:
-            feed.append(("arg", len(example)))
-            w = model.get_parameter(b.target).detach()
-            example.append(w)
-            in_names.append(b.target)
-            defaults[b.target] = w
-        elif b.kind in ("param", "working"):
-            w = model.get_parameter(b.target).detach()
-            feed.append(("const", w.to(low) if b.kind == "working" else w.clone()))
-        elif b.kind == "buffer":
-            feed.append(("const", model.get_buffer(b.target).detach().clone()))
-        else:
-            feed.append(("const", b.target))
-    keep = [i for i, b in enumerate(prog.captured.outputs) if b.kind == "output"]
-    out_names = [f"output_{k}" for k in range(len(keep))]
-    meta = {"kind": "forward", "model": prog.captured.model_name, "dtype": dtype_name(low),
-            "inputs": in_names, "outputs": out_names, "n_model_inputs": n_inputs}
-    return _Run(gm, feed, keep), example, in_names, out_names, defaults, meta
-
-
-# --- training step ----------------------------------------------------------------------------
-
-
-def _retrace(gm: fx.GraphModule, example: list) -> fx.GraphModule:
-    """Re-trace with export_decompositions() (node names kept in meta["custom"]), make mixed
-    norms and splits valid ONNX, and refuse what still cannot be translated."""
-    records = {n.name: n.meta[MP] for n in gm.graph.nodes if MP in n.meta}
-    with fx_traceback.preserve_node_meta(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = make_fx(lambda *a: fx.Interpreter(gm).run(*a),
-                         decomposition_table=export_decompositions(),
-                         tracing_mode="fake")(*example)
-    traced = legalize.run(traced)
-    _refuse_backward_ops(traced, records)
-    return traced
-
-
-def _train_parts(step: TrainStep):
-    gm = copy_module(step.unlowered)
-    records = _annotate(gm)
-    lrs = [torch.tensor(x, dtype=torch.float64) for x in step.learning_rates()]
-    n_out = len(step.unlowered.graph.output_node().args[0])
-    placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    example = [*step._state, *lrs]
-    for ph in placeholders[len(example):]:  # the batch: example values from the fake tensors
-        v = ph.meta["val"]
-        example.append(torch.zeros(v.shape, dtype=v.dtype))
-    traced = _retrace(gm, example)
-    in_names = [*step.layout.names, *[f"lr{i}" for i in range(len(lrs))],
-                *[ph.name for ph in placeholders[len(step.layout.names) + len(lrs):]]]
-    extra = ["loss", "loss_scale", "skipped", "grad_norm"][: n_out - len(step.layout.names)]
-    out_names = [f"next.{n}" for n in step.layout.names] + extra
-    defaults = dict(zip(step.layout.names, step._state))
-    defaults.update({f"lr{i}": t for i, t in enumerate(lrs)})
-    meta = {"kind": "train_step", "dtype": dtype_name(step.dtype),
-            "state": list(step.layout.names), "lrs": [f"lr{i}" for i in range(len(lrs))],
-            "batch": in_names[len(step.layout.names) + len(lrs):],
-            "n_inputs": step._n_inputs, "outputs": out_names,
-            "masters": {n.removeprefix("master."): n for n in step.layout.names
-                        if n.startswith("master.")},
-            "working": {n.removeprefix("working."): n for n in step.layout.names
-                        if n.startswith("working.")},
-            "buffers": {n.removeprefix("buffer."): n for n in step.layout.names
-                        if n.startswith("buffer.")}}
-    feed = [("arg", i) for i in range(len(example))]
-    return (_Run(traced, feed, list(range(n_out))), example, in_names, out_names, defaults,
-            meta, records)
-
-
-def _refuse_backward_ops(gm: fx.GraphModule, records: dict) -> None:
-    """After decomposition no backward op and no prims op may remain: torch.onnx has no
-    translation for some and translates others wrongly."""
-    for n in gm.graph.nodes:
-        target = str(n.target)
-        if n.op == "call_function" and ("backward" in target or target.startswith("prims.")):
-            name = (n.meta.get("custom") or {}).get("mp_name")
-            raise ExportError(
-                f"{n.target} (from {_describe(name, records)}) has no correct ONNX translation "
-                "and no decomposition; it cannot be exported"
-            )
-
-
-# --- common -----------------------------------------------------------------------------------
 
 
 def _to_onnx(wrapper: torch.nn.Module, example: list, opset: int | None, records: dict,
@@ -348,19 +188,13 @@ def export_onnx(obj: MixedPrecisionModule | TrainStep, path: str | Path | None =
             cast inside the graph, instead of low-precision initializers.
     """
     if isinstance(obj, TrainStep):
-        wrapper, example, in_names, out_names, defaults, meta, records = _train_parts(obj)
-        what = "the training step"
+        parts = step_parts(obj)
     elif isinstance(obj, MixedPrecisionModule):
-        wrapper, example, in_names, out_names, defaults, meta = _forward_parts(
-            obj, keep_fp32_weights)
-        records = _annotate(wrapper.gm)
-        legalize.run(wrapper.gm)
-        what = f"the forward of {meta['model']}"
+        parts = forward_parts(obj, keep_fp32_weights)
     else:
         raise ExportError(f"export_onnx takes a MixedPrecisionModule or a TrainStep, got "
                           f"{type(obj).__name__}")
-    model = _export(wrapper, example, in_names, out_names, defaults, meta, records, what,
-                    opset, ir_version)
+    model = _export(parts, opset, ir_version)
     if path is None:
         return model
     path = Path(path)
@@ -373,26 +207,18 @@ def export_graph(gm: fx.GraphModule, example: list[torch.Tensor], *,
     """Export any functional ATen fx graph (inputs ``input_i``, outputs ``output_i``) the way a
     training step is exported: decomposed, legalised, checked. Used for single-op regression
     tests, and for graphs of one's own."""
-    gm = copy_module(gm)
-    records = _annotate(gm)
-    traced = _retrace(gm, example)
-    n_out = len(traced.graph.output_node().args[0])
-    in_names = [f"input_{i}" for i in range(len(example))]
-    out_names = [f"output_{i}" for i in range(n_out)]
-    wrapper = _Run(traced, [("arg", i) for i in range(len(example))], list(range(n_out)))
-    return _export(wrapper, example, in_names, out_names, {}, {"kind": "graph", "dtype": ""},
-                   records, "the graph", opset, ir_version)
+    return _export(graph_parts(gm, example), opset, ir_version)
 
 
-def _export(wrapper, example, in_names, out_names, defaults, meta, records, what, opset,
-            ir_version) -> onnx.ModelProto:
+def _export(parts: Parts, opset: int | None, ir_version: int | None) -> onnx.ModelProto:
+    meta = dict(parts.meta)
     if opset is None and meta["dtype"] == "bfloat16":
         opset = BF16_OPSET
-    model, program = _to_onnx(wrapper, example, opset, records, what)
+    model, program = _to_onnx(parts.runner, parts.example, opset, parts.records, parts.what)
     names = mp_names(model, program)
-    _scan(model, names, records, what)
-    _io_names(model, in_names, out_names)
-    _add_defaults(model, defaults)
+    _scan(model, names, parts.records, parts.what)
+    _io_names(model, parts.in_names, parts.out_names)
+    _add_defaults(model, parts.defaults)
     model.ir_version = ir_version or DEFAULT_IR_VERSION
     meta["node_map"] = names
     del model.metadata_props[:]

@@ -25,8 +25,8 @@ import torch.fx as fx
 from ..costmodel import F32, CastModel, ProbeError
 from ..dtypes import dtype_name
 from ..fxutil import copy_module, is_cast, is_getitem, val_dtype
-from ..records import record, update
 from ..policy import OpClass
+from ..records import record, update
 from .context import Context
 
 _S, _T = ("terminal", "low"), ("terminal", "fp32")

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from ..checks import check
-from ..fxutil import copy_module
 from ..errors import PassError
+from ..fxutil import copy_module
 from .context import Context
 
 

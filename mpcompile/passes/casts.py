@@ -13,15 +13,14 @@ import torch
 import torch.fx as fx
 
 from ..costmodel import F32, CastModel, retargeted
-from ..errors import PassError
-from ..dtypes import dtype_name
-from ..fxutil import CAST, arg_slots, copy_module, is_cast, is_getitem, replace_at, val_dtype
+from ..dtypes import dtype_name, info
+from ..fxutil import CAST, copy_module, is_getitem, replace_at
 from ..records import MP, NodeRecord, record
-from ..policy import OpClass
 from .context import Context
 
-_SHORT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32",
-          torch.float64: "f64"}
+
+def _short(dtype: torch.dtype) -> str:
+    return info(dtype).short if dtype.is_floating_point else "cast"
 
 
 def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
@@ -42,7 +41,7 @@ def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
         anchor = anchor_for_inputs if h.op == "placeholder" else h
         with gm.graph.inserting_after(anchor):
             c = gm.graph.create_node("call_function", CAST, (h,), {"dtype": need.dst},
-                                     name=f"{h.name}_{_SHORT.get(need.dst, 'cast')}")
+                                     name=f"{h.name}_{_short(need.dst)}")
         users = sorted({u.node.name if u.node.op != "output" else "output" for u in need.uses})
         src = record(h)
         c.meta[MP] = NodeRecord(

@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..capture import module_paths
-from ..errors import BannedOpError
+from ..capture import BindingKind, module_paths
 from ..dtypes import dtype_name
+from ..errors import BannedOpError
 from ..fxutil import copy_module, is_getitem, val_dtype
-from ..records import record, update
 from ..policy import OpClass
+from ..records import record, update
 from .context import Context
 
-_ROLE = {"param": "parameter", "buffer": "buffer", "const": "constant", "input": "model input"}
+_ROLE = {BindingKind.PARAM: "parameter", BindingKind.BUFFER: "buffer",
+         BindingKind.CONST: "constant", BindingKind.INPUT: "model input"}
 
 
 def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
     gm = copy_module(gm)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     for node, binding in zip(placeholders, ctx.inputs):
-        target = binding.target if binding.kind != "const" else "constant"
+        target = binding.target if binding.kind is not BindingKind.CONST else "constant"
         update(node, precision=val_dtype(node), decided_by="input",
                decision=f"{_ROLE[binding.kind]} {target}: enters in "
                         f"{dtype_name(val_dtype(node))}, as the model holds it")

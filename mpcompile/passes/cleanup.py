@@ -14,9 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..dtypes import dtype_name
-
 from ..fxutil import copy_module, is_cast, val_dtype
-
 from ..records import record, update
 from .context import Context
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import optim, scaling
+from ..errors import TrainStepError
 
 F32 = torch.float32
 
@@ -53,7 +54,7 @@ class StateLayout:
 
     def __post_init__(self) -> None:
         if len(set(self.names)) != len(self.names):
-            raise ValueError(f"state names repeat: {self.names}")
+            raise TrainStepError(f"state names repeat: {self.names}")
 
     def index(self, name: str) -> int:
         return self.names.index(name)

@@ -23,7 +23,7 @@ class TrainReport:
     """The core report of the forward plus what the training graph adds."""
 
     forward: Any  # inspect.Report
-    kernels: tuple  # inspect.KernelInfo of the lowered training graph
+    kernels: tuple  # report.KernelInfo of the graph that runs
     nodes_by_phase: dict[str, int]
     ops_by_phase: dict[str, dict[str, int]]
     updates_per_param: dict[str, int]

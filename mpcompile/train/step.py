@@ -12,11 +12,14 @@ import torch.fx as fx
 
 from .. import optim, scaling
 from ..api import Program, as_args
-from ..capture import Signature, TensorSpec
 from ..dtypes import dtype_name
 from ..errors import SignatureError, TrainStepError
+from ..explain import explain_node
 from ..policy import Policy
+from ..report import build_report
+from ..signature import Signature, TensorSpec
 from .layout import OUTPUTS, StateKind, StateLayout, key
+from .report import build_train_report
 
 
 @dataclass(frozen=True)
@@ -221,8 +224,6 @@ class TrainStep:
 
     def explain(self, node: str | fx.Node) -> str:
         """Why a node of the step graph (or of the graph that runs) does what it does."""
-        from ..explain import explain_node
-
         gm = self.graph_module
         if isinstance(node, str) and not any(n.name == node for n in gm.graph.nodes):
             gm = self.executable
@@ -231,8 +232,5 @@ class TrainStep:
     def report(self, measure: bool = False):
         """The core report of the forward, plus the training-only nodes and the state sizes
         (a :class:`TrainReport`)."""
-        from ..report import build_report
-        from .report import build_train_report
-
         return build_train_report(self, build_report(self._compiled.forward, self._model,
                                                      measure_calls=measure))

@@ -1,0 +1,156 @@
+"""The pass interface: declared pipelines, the runner's checks after every pass (common invariants
+and each pass's ``ensures``), ``requires`` before a pass, and every stage's graph recorded."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.fx as fx
+
+import mpcompile
+from mpcompile import passes
+from mpcompile.capture import capture
+from mpcompile.errors import PassError
+from mpcompile.examples import EXAMPLES, batch
+from mpcompile.fxutil import copy_module, is_cast
+from mpcompile.passes import Context, Pass
+from mpcompile.passes.conditions import PRECISIONS_APPLIED
+from mpcompile.policy import Policy
+from mpcompile.records import NodeRecord, update
+
+aten = torch.ops.aten
+MLP = EXAMPLES["mlp"]
+
+
+def _captured():
+    model = MLP.build()
+    x, _ = batch(MLP)
+    captured = capture(model, x, {})
+    return captured, Context(Policy(), "cpu", model, captured.inputs)
+
+
+def _noop(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
+    return copy_module(gm)
+
+
+def test_pipelines_are_declared_lists():
+    assert [p.name for p in passes.FORWARD] == ["classify", "assign", "casts", "cleanup"]
+    assert [p.name for p in passes.TRAINING] == ["working_copies"]
+    assert [p.name for p in passes.EXECUTION] == ["kernels"]
+    assert [p.name for p in passes.EXPORT_STEP] == ["decompose", "legalize"]
+    assert PRECISIONS_APPLIED in passes.CASTS.ensures
+    assert all(isinstance(p, Pass) and p.doc for p in (*passes.FORWARD, *passes.EXPORT_STEP))
+
+
+def test_a_noop_pass_is_checked_and_recorded():
+    captured, ctx = _captured()
+    noop = Pass("noop", _noop, "does nothing", requires=(PRECISIONS_APPLIED,),
+                ensures=(PRECISIONS_APPLIED,))
+    done = passes.run((*passes.FORWARD, noop), captured.gm, ctx, first="capture")
+    assert list(done.graphs) == ["capture", "classify", "assign", "casts", "cleanup", "noop"]
+    assert done.gm is done.graphs["noop"]
+    assert done.gm is not done.graphs["cleanup"]
+    assert [str(n.target) for n in done.gm.graph.nodes] == \
+        [str(n.target) for n in done.graphs["cleanup"].graph.nodes]
+
+
+def test_a_pass_that_drops_provenance_fails_naming_it():
+    captured, ctx = _captured()
+
+    def orphan(gm, ctx):
+        gm = copy_module(gm)
+        x = next(iter(gm.graph.find_nodes(op="placeholder")))
+        with gm.graph.inserting_after(x):
+            gm.graph.call_function(aten.relu.default, (x,))
+        return gm
+
+    with pytest.raises(PassError, match="stage 'orphan' created node relu.* without a provenance"):
+        passes.run((*passes.FORWARD, Pass("orphan", orphan, "adds a node, no record")),
+                   captured.gm, ctx)
+
+
+def test_a_pass_that_breaks_its_ensures_fails_naming_pass_and_node():
+    """The graph stays valid (every op accepts its dtypes), so only the pass's declared
+    post-condition can catch this: a matmul (LOWER) whose record says it runs in FP32."""
+    captured, ctx = _captured()
+
+    def mislabel(gm, ctx):
+        gm = copy_module(gm)
+        mm = next(n for n in gm.graph.nodes if n.target is aten.addmm.default)
+        update(mm, precision=torch.float32)
+        return gm
+
+    bad = Pass("mislabel", mislabel, "breaks the precision invariant",
+               ensures=(PRECISIONS_APPLIED,))
+    with pytest.raises(PassError, match=r"after stage 'mislabel': LOWER node addmm.* runs in float32"):
+        passes.run((*passes.FORWARD, bad), captured.gm, ctx)
+    # the same pass without the declared post-condition goes through: the check is the pass's
+    passes.run((*passes.FORWARD, Pass("mislabel", mislabel, "unchecked")), captured.gm, ctx)
+
+
+def test_requires_is_checked_before_the_pass():
+    captured, ctx = _captured()
+    with pytest.raises(PassError, match="at stage 'casts'.*no precision decision"):
+        passes.run((passes.CLASSIFY, passes.CASTS), captured.gm, ctx)
+
+
+def test_a_stage_name_twice_is_refused():
+    captured, ctx = _captured()
+    with pytest.raises(PassError, match="names a stage twice"):
+        passes.run((passes.CLASSIFY, passes.CLASSIFY), captured.gm, ctx)
+    with pytest.raises(PassError, match="identifier"):
+        Pass("no spaces", _noop, "x")
+
+
+def test_the_runner_leaves_its_input_graph_alone():
+    captured, ctx = _captured()
+    before = captured.gm.code
+    records = {n.name: n.meta["mp"] for n in captured.gm.graph.nodes}
+    passes.run(passes.FORWARD, captured.gm, ctx, first="capture")
+    assert captured.gm.code == before
+    assert {n.name: n.meta["mp"] for n in captured.gm.graph.nodes} == records
+    assert all(isinstance(r, NodeRecord) for r in records.values())
+
+
+def test_convert_and_train_step_record_every_stage():
+    model = MLP.build()
+    x, y = batch(MLP)
+    mp = mpcompile.convert(model, x)
+    assert list(mp.stages) == ["capture", "classify", "assign", "casts", "cleanup", "kernels"]
+    assert mp.graph_module is mp.stages["cleanup"]
+    assert mp.executable is mp.stages["kernels"]
+    step = mpcompile.compile_train_step(model, MLP.loss, x, y,
+                                        optimizer=mpcompile.optim.SGD(lr=0.1))
+    assert list(step.stages) == ["capture", "classify", "assign", "casts", "cleanup",
+                                 "working_copies", "train_step", "kernels"]
+    assert step.graph_module is step.stages["train_step"]
+    assert len(step.input_names) == len(step.example_args())
+    assert step.output_names[-3:] == ("loss", "loss_scale", "skipped")
+
+
+def test_convert_works_without_onnx_installed():
+    """``import mpcompile`` must not import onnx: a `convert` user does not need the extra."""
+    code = """
+import sys
+for name in ("onnx", "onnxscript", "onnxruntime"):
+    sys.modules[name] = None  # as if not installed: import fails, find_spec gives None
+import torch, mpcompile
+from mpcompile.examples import EXAMPLES, batch
+MLP = EXAMPLES["mlp"]
+x, y = batch(MLP)
+mp = mpcompile.convert(MLP.build(), x)
+mp(*x).sum().backward()
+step = mpcompile.compile_train_step(MLP.build(), MLP.loss, x, y,
+                                    optimizer=mpcompile.optim.SGD(lr=0.1))
+step(x, y)
+try:
+    mpcompile.export_onnx
+except ImportError as e:
+    print("lazy:", e)
+assert all(sys.modules[m] is None for m in ("onnx", "onnxscript", "onnxruntime"))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "pip install 'mpcompile[onnx]'" in out.stdout
