@@ -22,9 +22,10 @@ import time
 import torch
 
 import mpcompile
+from mpcompile.dtypes import unit_roundoff
 from mpcompile.examples import EXAMPLES, batch, eager_step
 
-U = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+U = {d: unit_roundoff(d) for d in (torch.float16, torch.bfloat16)}
 
 
 def _logits(out):

@@ -16,13 +16,14 @@ from models_hf import bert
 from test_fp32_accum import CLAIMS
 
 import mpcompile
+from mpcompile.dtypes import unit_roundoff
 from mpcompile.examples import EXAMPLES, batch, eager_step
 from mpcompile.fxutil import arg_slots, is_cast, is_getitem, val_dtype
-from mpcompile.records import record
 from mpcompile.policy import OpClass
+from mpcompile.records import record
 
 LOWS = [torch.float16, torch.bfloat16]
-U = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+U = {d: unit_roundoff(d) for d in (torch.float16, torch.bfloat16)}
 PROVEN = {(op, dt) for op, dev, dt in CLAIMS if dev == "cpu"}
 
 

@@ -13,7 +13,7 @@ from mpcompile import passes
 from mpcompile.capture import capture
 from mpcompile.errors import PassError
 from mpcompile.examples import EXAMPLES, batch
-from mpcompile.fxutil import copy_module, is_cast
+from mpcompile.fxutil import copy_module
 from mpcompile.passes import Context, Pass
 from mpcompile.passes.conditions import PRECISIONS_APPLIED
 from mpcompile.policy import Policy
@@ -83,7 +83,8 @@ def test_a_pass_that_breaks_its_ensures_fails_naming_pass_and_node():
 
     bad = Pass("mislabel", mislabel, "breaks the precision invariant",
                ensures=(PRECISIONS_APPLIED,))
-    with pytest.raises(PassError, match=r"after stage 'mislabel': LOWER node addmm.* runs in float32"):
+    want = r"after stage 'mislabel': LOWER node addmm.* runs in float32"
+    with pytest.raises(PassError, match=want):
         passes.run((*passes.FORWARD, bad), captured.gm, ctx)
     # the same pass without the declared post-condition goes through: the check is the pass's
     passes.run((*passes.FORWARD, Pass("mislabel", mislabel, "unchecked")), captured.gm, ctx)

@@ -25,12 +25,13 @@ import torch.nn.functional as F
 
 import mpcompile
 from mpcompile import DynamicLossScale, SignatureError, TrainStepError
+from mpcompile.dtypes import unit_roundoff
 from mpcompile.examples import EXAMPLES, MLP, batch, eager_step
 from mpcompile.fxutil import is_getitem
 from mpcompile.records import record
 
 F16, BF16 = torch.float16, torch.bfloat16
-U = {F16: 2.0**-11, BF16: 2.0**-8}
+U = {F16: unit_roundoff(F16), BF16: unit_roundoff(BF16)}
 N = 20
 SGD = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)  # noqa: E731
 ADAM = lambda p: torch.optim.Adam(p, lr=1e-3)  # noqa: E731
