@@ -128,6 +128,29 @@ def compile_program(model: torch.nn.Module, args: tuple, kwargs: dict,
                    (tuple(args), dict(kwargs)), tuple(m.training for m in model.modules()))
 
 
+def split_inputs(inputs: Any, kwargs: dict | None = None) -> tuple[tuple, dict]:
+    """The one input convention of ``convert``, ``compile_train_step`` and ``TrainStep``:
+    a tensor, a tuple/list of positional inputs, a dict of keyword inputs (a Hugging Face
+    batch), or ``(args_tuple, kwargs_dict)``; ``kwargs`` adds keyword inputs."""
+    if isinstance(inputs, dict):
+        args, kw = (), dict(inputs)
+    elif (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], (tuple, list))
+          and isinstance(inputs[1], dict)):
+        args, kw = tuple(inputs[0]), dict(inputs[1])
+    else:
+        args, kw = as_args(inputs), {}
+    for k, v in (kwargs or {}).items():
+        if k in kw:
+            raise SignatureError(f"keyword input {k!r} is given twice")
+        kw[k] = v
+    return args, kw
+
+
+def tensor_leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among the inputs, in the order the captured graph takes them."""
+    return [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+
+
 def as_args(example_inputs: Any) -> tuple:
     if example_inputs is None:
         return ()
@@ -280,8 +303,9 @@ def convert(model: torch.nn.Module, example_inputs: Any = None, *,
 
     Args:
         model: any ``nn.Module`` torch.export can trace (no data-dependent Python branches).
-        example_inputs: a tensor or tuple of positional inputs; with them the model is captured
-            now (errors surface here), without them on the first call.
+        example_inputs: a tensor, a tuple of positional inputs, a dict of keyword inputs, or
+            ``(args, kwargs)``; with them the model is captured now (errors surface here),
+            without them on the first call.
         dtype: the low precision (default ``torch.float16``; ``torch.bfloat16``). Shorthand for
             ``policy=Policy(dtype=...)``.
         policy: a :class:`Policy` (op overrides, FP32 module pins, strategy).
@@ -303,5 +327,5 @@ def convert(model: torch.nn.Module, example_inputs: Any = None, *,
     policy.check_pins(model)
     mp = MixedPrecisionModule(model, policy, recapture=recapture, cache_size=cache_size)
     if example_inputs is not None or example_kwargs:
-        mp.program_for(as_args(example_inputs), dict(example_kwargs or {}))
+        mp.program_for(*split_inputs(example_inputs, example_kwargs))
     return mp

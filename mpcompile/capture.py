@@ -19,6 +19,7 @@ here rather than by registering pytree types globally.
 from __future__ import annotations
 
 import contextlib
+import copy
 import enum
 import io
 import logging
@@ -28,7 +29,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -81,6 +82,8 @@ class Captured:
     out_spec: OutSpec
     signature: Signature
     model_name: str
+    # tied (shared) parameters/buffers: canonical FQN -> the other names of the same tensor
+    ties: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def mutated_buffers(self) -> tuple[str, ...]:
@@ -166,6 +169,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     sig = ep.graph_signature
 
     inputs, outputs = _bindings(sig, ep, name)
+    inputs, ties = _untie(gm, inputs, outputs, model)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _DROP:
             gm.graph.erase_node(node)
@@ -183,7 +187,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
             node.target = node.name
     gm.graph.lint()
     gm.recompile()
-    return Captured(gm, tuple(inputs), tuple(outputs), out_spec, signature, name)
+    return Captured(gm, tuple(inputs), tuple(outputs), out_spec, signature, name, ties)
 
 
 def _export(flat: torch.nn.Module, tensors: tuple, keep_whole: Iterable[OpOverload], name: str,
@@ -212,6 +216,14 @@ def _export(flat: torch.nn.Module, tensors: tuple, keep_whole: Iterable[OpOverlo
     except CaptureError:
         raise
     except Exception as e:  # noqa: BLE001 - every trace failure becomes a CaptureError
+        eager = _eager_error(flat, tensors)
+        if eager is not None:  # not torch.export's fault: say what plain PyTorch says
+            first = str(eager).strip().splitlines()[0] if str(eager).strip() else ""
+            raise CaptureError(
+                f"{name} fails in plain PyTorch too, before mpcompile changes anything"
+                f"{_user_frame(eager)}: {type(eager).__name__}: {first}. Fix the model or the "
+                "example inputs (shapes, dtypes, train/eval mode)."
+            ) from eager
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         at = _user_frame(e)
         raise CaptureError(
@@ -223,6 +235,17 @@ def _export(flat: torch.nn.Module, tensors: tuple, keep_whole: Iterable[OpOverlo
         quiet.setLevel(level)
         restore_modes(modes)  # leave every module's train/eval flag exactly as it was
     return ep
+
+
+def _eager_error(flat: torch.nn.Module, tensors: tuple) -> BaseException | None:
+    """Run the model once in plain PyTorch (on a copy: buffers stay untouched); its error, or
+    None if it runs."""
+    try:
+        with torch.no_grad():
+            copy.deepcopy(flat)(*tensors)
+    except Exception as e:  # noqa: BLE001 - reported to the user as the cause
+        return e
+    return None
 
 
 def _bindings(sig, ep, name: str) -> tuple[list[Binding], list[Binding]]:
@@ -259,6 +282,49 @@ def _bindings(sig, ep, name: str) -> tuple[list[Binding], list[Binding]]:
                 "parameters inside forward is not supported"
             )
     return inputs, outputs
+
+
+def _canonical_names(model: torch.nn.Module) -> dict[str, str]:
+    """Every parameter/buffer name -> the first name of the same tensor (what
+    ``named_parameters()`` / ``named_buffers()`` report for it)."""
+    out: dict[str, str] = {}
+    for named in (model.named_parameters(remove_duplicate=False),
+                  model.named_buffers(remove_duplicate=False)):
+        first: dict[int, str] = {}
+        for fqn, t in named:
+            out[fqn] = first.setdefault(id(t), fqn)
+    return out
+
+
+def _untie(gm: fx.GraphModule, inputs: list[Binding], outputs: list[Binding],
+           model: torch.nn.Module) -> tuple[list[Binding], dict[str, tuple[str, ...]]]:
+    """One placeholder per tensor: torch.export lifts a tied parameter (an output projection
+    sharing the embedding's weight) once per name; merge those into the first name's
+    placeholder, so training keeps one master, one optimizer state and one working copy, and
+    autograd sums the gradients of all uses."""
+    canon = _canonical_names(model)
+    kept: dict[tuple, fx.Node] = {}
+    ties: dict[str, list[str]] = {}
+    new_inputs = []
+    for node, b in zip(list(gm.graph.find_nodes(op="placeholder")), inputs):
+        if b.kind not in (BindingKind.PARAM, BindingKind.BUFFER):
+            new_inputs.append(b)
+            continue
+        first = canon.get(b.target, b.target)
+        key = (b.kind, first)
+        if first != b.target:
+            ties.setdefault(first, []).append(b.target)
+        if key in kept:
+            node.replace_all_uses_with(kept[key])
+            gm.graph.erase_node(node)
+            continue
+        kept[key] = node
+        new_inputs.append(Binding(b.kind, first))
+    for b in outputs:
+        if b.kind is BindingKind.BUFFER and canon.get(b.target, b.target) != b.target:
+            raise CaptureError(f"buffer {b.target} is shared with {canon[b.target]} and updated "
+                               "in forward; mpcompile cannot replay that")
+    return new_inputs, {k: tuple(v) for k, v in ties.items()}
 
 
 def _input_name(path: str) -> str:

@@ -81,6 +81,7 @@ class Report:
     measured: dict[str, Traffic] = field(default_factory=dict)  # forward+backward, real calls
     autocast_error: str | None = None  # torch.autocast could not run this model
     kernels: tuple[KernelInfo, ...] = ()  # matmuls/convs run by generated kernels
+    ties: dict[str, tuple[str, ...]] = field(default_factory=dict)  # shared parameters
 
     @property
     def cast_bytes(self) -> int:
@@ -143,6 +144,9 @@ class Report:
         if self.kernels:
             lines.append(f"generated tensor-core kernels: {len(self.kernels)}")
             lines += [f"  {k}" for k in self.kernels]
+        if self.ties:
+            lines.append("tied parameters (one tensor, one master, gradients of all uses summed):")
+            lines += [f"  {first} = {', '.join(others)}" for first, others in self.ties.items()]
         if self.pinned:
             lines.append("pinned to FP32 by keep_fp32_modules:")
             for pin, nodes in sorted(self.pinned.items()):
@@ -204,7 +208,7 @@ def build_report(program, model: torch.nn.Module, measure_calls: bool = True) ->
         by_class=dict(by_class), casts=casts, defaulted=dict(defaulted), pinned=dict(pinned),
         local_cast_bytes=other_bytes if other == "local" else sum(c.bytes for c in casts),
         measured=measured, autocast_error=autocast_error,
-        kernels=kernel_infos(program.executable),
+        kernels=kernel_infos(program.executable), ties=dict(program.captured.ties),
     )
 
 

@@ -36,9 +36,9 @@ def _noop(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
 
 def test_pipelines_are_declared_lists():
     assert [p.name for p in passes.FORWARD] == ["classify", "assign", "casts", "cleanup"]
-    assert [p.name for p in passes.TRAINING] == ["working_copies"]
+    assert [p.name for p in passes.TRAINING] == ["working_copies", "reshape_views"]
     assert [p.name for p in passes.EXECUTION] == ["kernels"]
-    assert [p.name for p in passes.EXPORT_STEP] == ["decompose", "legalize"]
+    assert [p.name for p in passes.EXPORT_STEP] == ["reshape_views", "decompose", "legalize"]
     assert PRECISIONS_APPLIED in passes.CASTS.ensures
     assert all(isinstance(p, Pass) and p.doc for p in (*passes.FORWARD, *passes.EXPORT_STEP))
 
@@ -124,7 +124,7 @@ def test_convert_and_train_step_record_every_stage():
     step = mpcompile.compile_train_step(model, MLP.loss, x, y,
                                         optimizer=mpcompile.optim.SGD(lr=0.1))
     assert list(step.stages) == ["capture", "classify", "assign", "casts", "cleanup",
-                                 "working_copies", "train_step", "kernels"]
+                                 "working_copies", "reshape_views", "train_step", "kernels"]
     assert step.graph_module is step.stages["train_step"]
     assert len(step.input_names) == len(step.example_args())
     assert step.output_names[-3:] == ("loss", "loss_scale", "skipped")

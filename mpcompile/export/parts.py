@@ -127,10 +127,12 @@ def step_parts(step: TrainStep) -> Parts:
     model = step.compiled.forward.captured.model_name
     ctx = passes.Context(step.policy, step.compiled.forward.device_type, None, ())
     done = passes.run(passes.EXPORT_STEP, step.graph_module, ctx)
-    example = step.example_args()
+    n_const = len(step.compiled.constants)
+    args = step.example_args()
+    example = args[:len(args) - n_const]  # the model's constants are stored in the graph
     names, n_state = step.layout.names, len(step.layout.names)
     lr_names = [n for n in step.input_names if n.startswith("lr")][: len(step.plan.groups)]
-    in_names = list(step.input_names)
+    in_names = list(step.input_names[:len(step.input_names) - n_const])
     out_names = list(step.output_names)
     defaults = dict(zip(names, step.state))
     defaults.update({n: t for n, t in zip(lr_names, example[n_state:])})
@@ -138,13 +140,23 @@ def step_parts(step: TrainStep) -> Parts:
             "state": list(names), "lrs": lr_names,
             "batch": in_names[n_state + len(lr_names):],
             "n_inputs": step.n_model_inputs, "outputs": out_names,
-            "masters": step.layout.of_kind(StateKind.MASTER),
-            "working": step.layout.of_kind(StateKind.WORKING),
+            "masters": _with_ties(step.layout.of_kind(StateKind.MASTER), step.ties),
+            "working": _with_ties(step.layout.of_kind(StateKind.WORKING), step.ties),
             "buffers": step.layout.of_kind(StateKind.BUFFER)}
     records = annotate(done.gm)
     feed = [("arg", i) for i in range(len(example))]
+    feed += [("const", t) for t in step.compiled.constants]
     return Parts(Runner(done.gm, feed, list(range(len(out_names)))), example, in_names,
                  out_names, defaults, meta, records, "the training step")
+
+
+def _with_ties(by_fqn: dict[str, str], ties: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """A tied parameter's state under each of its names (``model.load_state_dict`` wants all)."""
+    out = dict(by_fqn)
+    for first, others in ties.items():
+        if first in by_fqn:
+            out.update({o: by_fqn[first] for o in others})
+    return out
 
 
 def graph_parts(gm: fx.GraphModule, example: list[torch.Tensor]) -> Parts:

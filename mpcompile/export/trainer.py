@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import torch
 
+from ..api import as_args, split_inputs, tensor_leaves
 from ..errors import ExportError
 from .compat import bf16_io_as_float32, emulate_bf16_on_cpu, has_bf16
 from .onnx_export import metadata
@@ -79,9 +80,10 @@ class OrtTrainer:
         for name, v in zip(lrs, values):
             self._state[name] = np.array(v, dtype=np.float64)
 
-    def step(self, inputs: Any, targets: Any) -> OrtStepResult:
-        batch = [*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)),
-                 *(targets if isinstance(targets, (tuple, list)) else (targets,))]
+    def step(self, inputs: Any, targets: Any = None) -> OrtStepResult:
+        """One step: inputs and targets as for ``TrainStep.step`` (a tensor, a tuple, a dict of
+        keyword inputs; targets for the loss function, if the step has one)."""
+        batch = [*tensor_leaves(*split_inputs(inputs)), *as_args(targets)]
         names = self.meta["batch"]
         if len(batch) != len(names):
             raise ExportError(f"step: expected {len(names)} batch tensors ({names}), got "

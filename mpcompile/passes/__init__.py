@@ -13,7 +13,17 @@ node) and the pass's ``ensures``, and records the graph under the pass's name.
 
 from __future__ import annotations
 
-from . import assign, casts, classify, cleanup, decompose, kernels, legalize, working_copies
+from . import (
+    assign,
+    casts,
+    classify,
+    cleanup,
+    decompose,
+    kernels,
+    legalize,
+    views,
+    working_copies,
+)
 from .base import Condition, Pass, PassResult, Stages, run
 from .conditions import ASSIGNED, CLASSIFIED, PRECISIONS_APPLIED
 from .context import Context
@@ -29,6 +39,8 @@ CLEANUP = Pass("cleanup", cleanup.run, "fold exact cast chains; drop identity, d
 WORKING_COPIES = Pass("working_copies", working_copies.run, "weight casts -> low-precision "
                       "working-copy inputs", requires=(PRECISIONS_APPLIED,),
                       ensures=(PRECISIONS_APPLIED,))
+RESHAPE_VIEWS = Pass("reshape_views", views.run, "view -> reshape before re-tracing: a view of "
+                     "the captured strides may not fit the re-traced ones")
 KERNELS = Pass("kernels", kernels.run, "low-precision matmuls/convs -> generated tensor-core "
                "kernels (Policy.kernels), fused epilogues")
 LEGALIZE = Pass("legalize", legalize.run, "valid ONNX: mixed-dtype norms widened, splits to "
@@ -38,11 +50,11 @@ DECOMPOSE = Pass("decompose", decompose.run, "re-trace with the export decomposi
                  ensures=(decompose.EXPORTABLE,))
 
 FORWARD = (CLASSIFY, ASSIGN, CASTS, CLEANUP)
-TRAINING = (WORKING_COPIES,)
+TRAINING = (WORKING_COPIES, RESHAPE_VIEWS)
 EXECUTION = (KERNELS,)
 EXPORT_FORWARD = (WORKING_COPIES, LEGALIZE)
 EXPORT_FORWARD_FP32_WEIGHTS = (LEGALIZE,)
-EXPORT_STEP = (DECOMPOSE, LEGALIZE)
+EXPORT_STEP = (RESHAPE_VIEWS, DECOMPOSE, LEGALIZE)
 
 __all__ = ["EXECUTION", "EXPORT_FORWARD", "EXPORT_FORWARD_FP32_WEIGHTS", "EXPORT_STEP",
            "FORWARD", "TRAINING", "Condition", "Context", "Pass", "PassResult", "Stages", "run"]

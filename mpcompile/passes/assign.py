@@ -11,7 +11,12 @@ by ``keep_fp32_modules``) are float32. FOLLOW, PASSTHROUGH and (proven) FP32_ACC
   float32, else the low dtype (autocast's type promotion); ops with no float input are float32.
 
 A free op whose kernel rejects the low dtype (found by fake execution) or whose scalar argument
-does not fit in it (``finfo(float32).min`` as a mask value) is fixed to float32.
+does not fit in it (``finfo(float32).min`` as a mask value) is fixed to float32. So is a free op
+whose *backward* reduces a trainable parameter's gradient: one that broadcasts the parameter
+(``x + pos_embedding``, ``cls_token.expand(B, ...)``) sums its gradient over the broadcast, and an
+embedding lookup accumulates it over repeated rows. In low precision that sum of S-scaled terms
+overflows FP16 (or drops BF16's few bits) even when the forward value is small; autocast keeps
+such parameters FP32 by type promotion, and so do we.
 """
 
 from __future__ import annotations
@@ -24,13 +29,22 @@ import torch.fx as fx
 
 from ..costmodel import F32, CastModel, ProbeError
 from ..dtypes import dtype_name
-from ..fxutil import copy_module, is_cast, is_getitem, val_dtype
+from ..capture import BindingKind
+from ..fxutil import arg_slots, copy_module, is_cast, is_getitem, numel, val_dtype
 from ..policy import OpClass
 from ..records import record, update
 from .context import Context
 
 _S, _T = ("terminal", "low"), ("terminal", "fp32")
 _FREE = (OpClass.FOLLOW, OpClass.PASSTHROUGH, OpClass.FP32_ACCUM)
+aten = torch.ops.aten
+# pure views: the same elements (their backward reduces nothing)
+_VIEWS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+                    aten.squeeze.default, aten.permute.default, aten.t.default,
+                    aten.transpose.int, aten.alias.default, aten.clone.default})
+# gathers: their backward accumulates into the rows they read
+_GATHERS = frozenset({aten.embedding.default, aten.index_select.default, aten.index.Tensor})
 
 
 def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
@@ -60,6 +74,7 @@ def fix(gm: fx.GraphModule, model: CastModel, ctx: Context):
     low = ctx.low
     fixed: dict[fx.Node, tuple[torch.dtype, str, str]] = {}
     free: list[fx.Node] = []
+    trainable = _trainable(gm, ctx)
     for n in gm.graph.nodes:
         if n.op != "call_function" or is_getitem(n):
             continue
@@ -81,6 +96,10 @@ def fix(gm: fx.GraphModule, model: CastModel, ctx: Context):
                 fixed[n] = (low, "class", f"LOWER: {rec.class_reason}")
             except ProbeError as e:
                 fixed[n] = (F32, "probe", f"LOWER, but {e}; runs in FP32")
+        elif rec.op_class in _FREE and (why := _reduces_gradient(n, trainable)):
+            fixed[n] = (F32, "backward", f"{rec.op_class}, but {why}: in {dtype_name(low)} that "
+                        "sum can overflow or lose the small terms, so it runs in FP32 (as "
+                        "torch.autocast's type promotion does)")
         elif rec.op_class in _FREE:
             try:
                 model.probe(n, low)
@@ -90,6 +109,63 @@ def fix(gm: fx.GraphModule, model: CastModel, ctx: Context):
         else:
             fixed[n] = (F32, "class", f"{rec.op_class}: {rec.class_reason}")
     return fixed, free
+
+
+def _trainable(gm: fx.GraphModule, ctx: Context) -> dict[fx.Node, str]:
+    """Placeholder -> FQN of every parameter that requires grad."""
+    out = {}
+    for node, b in zip(gm.graph.find_nodes(op="placeholder"), ctx.inputs):
+        if b.kind is BindingKind.PARAM and ctx.model is not None:
+            try:
+                if ctx.model.get_parameter(b.target).requires_grad:
+                    out[node] = b.target
+            except AttributeError:
+                continue
+    return out
+
+
+def _part_of_a_matmul(n: fx.Node) -> bool:
+    """A weight expanded for a batched matmul, or a bias added to a matmul's output (views
+    between them allowed): the pieces of a ``linear`` that capture decomposed. Like autocast's
+    linear (FP16 weight and bias gradients) they keep their low precision here."""
+
+    def consumers(x: fx.Node) -> list[fx.Node]:
+        out = []
+        for u in x.users:
+            out += consumers(u) if u.op == "call_function" and u.target in _VIEWS else [u]
+        return out
+
+    def producer(x: fx.Node) -> fx.Node:
+        while x.op == "call_function" and x.target in _VIEWS:
+            x = x.args[0]
+        return x
+
+    uses = consumers(n)
+    if n.target is aten.expand.default and uses and all(
+            u.op == "call_function" and record(u).op_class is OpClass.LOWER for u in uses):
+        return True
+    return any(producer(a).op == "call_function" and record(producer(a)).op_class is
+               OpClass.LOWER for _, _, a in arg_slots(n))
+
+
+def _reduces_gradient(n: fx.Node, trainable: dict[fx.Node, str]) -> str | None:
+    """Why ``n``'s backward reduces a trainable parameter's gradient, or None."""
+    if _part_of_a_matmul(n):
+        return None
+    for _, _, a in arg_slots(n):
+        src = a
+        while src.op == "call_function" and src.target in _VIEWS and numel(src) == numel(a):
+            src = src.args[0]
+        fqn = trainable.get(src)
+        if fqn is None:
+            continue
+        if n.target in _GATHERS and a is n.args[0]:
+            return f"its backward accumulates the gradient of parameter {fqn} over the rows it " \
+                   "gathers"
+        if numel(n) > numel(src):
+            return (f"its backward sums the gradient of parameter {fqn} over its broadcast "
+                    f"({numel(n) // max(numel(src), 1)} terms per element)")
+    return None
 
 
 # --- global: minimum s-t cut ---------------------------------------------------------------

@@ -132,6 +132,15 @@ def lerp(start, end, weight):
     return start + weight * diff if weight < 0.5 else end - diff * (1 - weight)
 
 
+def empty_permuted(size, physical_layout, *, dtype=None, layout=None, device=None,
+                   pin_memory=None):
+    """Uninitialised memory (dropout's mask before ``bernoulli_`` fills it) has no ONNX
+    translation; zeros in the same layout serve, since every element is overwritten."""
+    inverse = [physical_layout.index(i) for i in range(len(physical_layout))]
+    return torch.zeros([size[p] for p in physical_layout], dtype=dtype,
+                       device=device).permute(inverse)
+
+
 def export_decompositions() -> dict:
     table = dict(core_aten_decompositions())
     table.update(get_decompositions([
@@ -140,6 +149,7 @@ def export_decompositions() -> dict:
         aten.native_batch_norm,
     ]))
     table[aten.convolution_backward.default] = convolution_backward
+    table[aten.empty_permuted.default] = empty_permuted
     table[aten.lerp.Scalar] = lerp
     table[aten.lerp.Tensor] = lerp
     table[aten._scaled_dot_product_flash_attention_for_cpu.default] = flash_attention

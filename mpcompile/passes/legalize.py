@@ -4,6 +4,8 @@
   type, while mpcompile runs them (FP32_ACCUM) on low-precision activations with FP32 weights,
   which torch's kernels accept. For export such a node reads its input widened to FP32 and its
   output is rounded back: the same arithmetic as the kernel's (FP32 inside, one rounding).
+- ``copy(dst, src)`` with a smaller ``src`` (``mask[0:2] = 1`` in a model) broadcasts ``src``;
+  torch.onnx's translation does not (a rank error in shape inference): ``src`` is expanded first.
 - ``split_with_sizes`` / ``unbind`` return lists, which torch.onnx writes as
   ``SplitToSequence`` + ``SequenceAt``; ONNX's sequence ops have no bfloat16. Each selected piece
   becomes a ``slice`` / ``select`` of the input instead (plain Slice/Gather in ONNX).
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 
@@ -73,6 +76,7 @@ def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
                 _made_here(down, f"rounds {node.name}'s output back to its precision")
                 user.replace_all_uses_with(down, delete_user_cb=lambda u, d=down: u is not d)
     _split_to_slices(g)
+    _broadcast_copies(g)
     g.lint()
     gm.recompile()
     return gm
@@ -109,3 +113,23 @@ def _split_to_slices(g: fx.Graph) -> None:
             u.replace_all_uses_with(new)
             g.erase_node(u)
         g.erase_node(node)
+
+
+def _broadcast_copies(g: fx.Graph) -> None:
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target is not aten.copy.default:
+            continue
+        dst, src = node.args[:2]
+        if not isinstance(src, fx.Node):
+            continue
+        shape = list(dst.meta["val"].shape)
+        if list(src.meta["val"].shape) == shape:
+            continue
+        with g.inserting_before(node):
+            wide = g.call_function(aten.expand.default, (src, shape))
+        wide.meta.update(src.meta)
+        mode = getattr(src.meta["val"], "fake_mode", None)
+        with mode if mode is not None else contextlib.nullcontext():
+            wide.meta["val"] = src.meta["val"].expand(shape)
+        _made_here(wide, f"broadcasts {src.name} for {node.name}: ONNX's copy does not")
+        node.args = (dst, wide, *node.args[2:])

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from .. import optim, passes, scaling
-from ..api import as_args, compile_program
-from ..capture import module_modes, restore_modes
+from ..api import as_args, compile_program, split_inputs, tensor_leaves
+from ..capture import BindingKind, module_modes, restore_modes
 from ..checks import check
 from ..errors import TrainStepError
 from ..passes.working_copies import working
@@ -30,19 +30,24 @@ from .step import CompiledStep, TrainStep, batch_signature
 from .trace import StepSpec, trace
 
 
-def compile_train_step(model: torch.nn.Module, loss_fn: Callable, example_inputs: Any,
-                       example_targets: Any, *, optimizer: Any,
-                       dtype: torch.dtype | None = None, loss_scale: Any = "default",
-                       policy: Policy | None = None, max_grad_norm: float | None = None,
+def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
+                       example_inputs: Any = None, example_targets: Any = None, *,
+                       optimizer: Any, batch: Any = None, dtype: torch.dtype | None = None,
+                       loss_scale: Any = "default", policy: Policy | None = None,
+                       max_grad_norm: float | None = None,
                        master_weights: bool = True) -> TrainStep:
     """Compile one mixed-precision training step of ``model`` into a single fx graph.
 
     Args:
         model: the FP32 model (left untouched; the step keeps its own state, see
             :meth:`TrainStep.to_module`).
-        loss_fn: ``loss_fn(outputs, *targets) -> scalar``.
-        example_inputs, example_targets: a tensor or tuple of tensors; the step is specialised
-            to their shapes and dtypes.
+        loss_fn: ``loss_fn(outputs, *targets) -> scalar``; None: the model computes the loss
+            (``outputs.loss``, ``outputs["loss"]``, or the first output), the Hugging Face way.
+        example_inputs: the model's inputs: a tensor, a tuple (positional), a dict (keyword,
+            e.g. a Hugging Face batch with ``labels``) or ``(args, kwargs)``; the step is
+            specialised to their shapes and dtypes. ``batch=`` is the same argument by another
+            name.
+        example_targets: a tensor or tuple of tensors passed to ``loss_fn`` after the outputs.
         optimizer: a ``torch.optim.SGD``/``Adam``/``AdamW`` built on ``model.parameters()``
             (hyperparameters and per-group lr/weight decay are read from it, and its
             ``param_groups[i]["lr"]`` is read at every step, so LR schedulers work), or an
@@ -57,7 +62,9 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable, example_inputs
     """
     policy = _policy(policy, dtype)
     ls = scaling.resolve(loss_scale, policy.dtype)
-    inputs, targets = _batch(loss_fn, max_grad_norm, example_inputs, example_targets)
+    args, kwargs, targets = _batch(loss_fn, max_grad_norm, example_inputs, example_targets,
+                                   batch)
+    inputs = tensor_leaves(args, kwargs)
     named = list(model.named_parameters())
     plan = optim.plan_for(optimizer, named)
     policy.check_pins(model)
@@ -68,7 +75,7 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable, example_inputs
     if not model.training:
         model.train()
     try:
-        program = compile_program(model, inputs, {}, policy)
+        program = compile_program(model, args, kwargs, policy)
     finally:
         restore_modes(modes)
     fwd = passes.run(passes.TRAINING, program.graph_module, program.context(model),
@@ -78,24 +85,26 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable, example_inputs
     has_copy = working(fwd.ctx)
     keep_master = tuple(fqn for fqn, _ in named if master_weights or fqn not in has_copy)
     layout, values = state_layout.build(model, plan, has_copy, keep_master, policy.dtype, ls)
+    constants = tuple(b.target for b in fwd.ctx.inputs if b.kind is BindingKind.CONST)
     spec = StepSpec(fwd.gm, fwd.ctx.inputs, program.captured, layout, plan, ls, policy.dtype,
-                    max_grad_norm, loss_fn, len(inputs), keep_master)
+                    max_grad_norm, loss_fn, len(inputs), len(constants), keep_master)
     dev = values[0].device
     lrs = [torch.tensor(g.lr, dtype=torch.float64, device=dev) for g in plan.groups]
     input_names = (*layout.names, *(f"lr{i}" for i in range(len(lrs))),
                    *(f"input{i}" for i in range(len(inputs))),
-                   *(f"target{i}" for i in range(len(targets))))
+                   *(f"target{i}" for i in range(len(targets))),
+                   *(f"const{i}" for i in range(len(constants))))
     roles = ["state"] * len(layout.names) + ["lr"] * len(lrs) + ["input"] * len(inputs) \
-        + ["target"] * len(targets)
-    gm = trace(spec, [*values, *lrs, *inputs, *targets])
+        + ["target"] * len(targets) + ["model constant"] * len(constants)
+    gm = trace(spec, [*values, *lrs, *inputs, *targets, *constants])
     gm = check(finish(gm, fwd.gm, list(zip(roles, input_names))), "train_step")
     graphs = {**fwd.graphs, "train_step": gm}
     run = passes.run(passes.EXECUTION, gm, fwd.ctx, graphs=graphs)
     compiled = CompiledStep(
         forward=program, stages=run.graphs, graph_module=gm, executable=run.gm, layout=layout,
         plan=plan, loss_scale=ls, policy=policy, master_weights=master_weights,
-        max_grad_norm=max_grad_norm, batch_signature=batch_signature(inputs, targets),
-        input_names=input_names, n_model_inputs=len(inputs))
+        max_grad_norm=max_grad_norm, batch_signature=batch_signature(args, kwargs, targets),
+        input_names=input_names, n_model_inputs=len(inputs), constants=constants)
     lr_source = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
     return TrainStep(model, compiled, values, lr_source)
 
@@ -108,14 +117,28 @@ def _policy(policy: Policy | None, dtype: torch.dtype | None) -> Policy:
     return policy
 
 
-def _batch(loss_fn, max_grad_norm, example_inputs, example_targets) -> tuple[tuple, tuple]:
+def _batch(loss_fn, max_grad_norm, example_inputs, example_targets, batch
+           ) -> tuple[tuple, dict, tuple]:
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise TrainStepError(f"max_grad_norm must be positive, got {max_grad_norm}")
-    if not callable(loss_fn):
-        raise TrainStepError("loss_fn must be callable: loss_fn(outputs, *targets) -> scalar")
-    inputs, targets = as_args(example_inputs), as_args(example_targets)
-    for where, group in (("example_inputs", inputs), ("example_targets", targets)):
-        for i, t in enumerate(group):
-            if not isinstance(t, torch.Tensor):
-                raise TrainStepError(f"{where}[{i}] is a {type(t).__name__}; pass tensors")
-    return inputs, targets
+    if loss_fn is not None and not callable(loss_fn):
+        raise TrainStepError("loss_fn must be callable: loss_fn(outputs, *targets) -> scalar, "
+                             "or None when the model returns its loss")
+    if batch is not None and example_inputs is not None:
+        raise TrainStepError("give the model's inputs once: example_inputs or batch=")
+    inputs = batch if batch is not None else example_inputs
+    if inputs is None:
+        raise TrainStepError("give example inputs (example_inputs or batch=): the step is "
+                             "specialised to their shapes")
+    args, kwargs = split_inputs(inputs)
+    targets = as_args(example_targets)
+    if loss_fn is None and targets:
+        raise TrainStepError("example_targets were given but no loss_fn: pass loss_fn, or "
+                             "pass the targets to the model (e.g. labels=...) so it returns "
+                             "the loss")
+    for i, t in enumerate(targets):
+        if not isinstance(t, torch.Tensor):
+            raise TrainStepError(f"example_targets[{i}] is a {type(t).__name__}; pass tensors")
+    if not tensor_leaves(args, kwargs):
+        raise TrainStepError("the example inputs hold no tensor")
+    return args, kwargs, targets

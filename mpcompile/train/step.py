@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from .. import optim, scaling
-from ..api import Program, as_args
+from ..api import Program, as_args, split_inputs, tensor_leaves
 from ..dtypes import dtype_name
 from ..errors import SignatureError, TrainStepError
 from ..explain import explain_node
@@ -32,10 +32,14 @@ class StepResult:
     grad_norm: torch.Tensor | None = None  # total norm of the unscaled gradients (clipping only)
 
 
-def batch_signature(inputs: tuple, targets: tuple) -> tuple:
-    return tuple((f"{kind}[{i}]", Signature.of((t,), {}, True).leaves[0])
-                 for kind, group in (("inputs", inputs), ("targets", targets))
-                 for i, t in enumerate(group))
+def batch_signature(args: tuple, kwargs: dict, targets: tuple) -> tuple:
+    """(where, TensorSpec or ("value", repr)) for every leaf of the inputs and targets."""
+    sig = Signature.of(args, kwargs, True)
+    names = [n.replace("args[", "inputs[", 1) if n.startswith("args[") else n
+             for n in sig.names]
+    return (*zip(names, sig.leaves),
+            *((f"targets[{i}]", Signature.of((t,), {}, True).leaves[0])
+              for i, t in enumerate(targets)))
 
 
 def _batch_mismatch(want: tuple, got: tuple) -> str:
@@ -64,8 +68,9 @@ class CompiledStep:
     master_weights: bool
     max_grad_norm: float | None
     batch_signature: tuple
-    input_names: tuple[str, ...]  # one per graph input: state names, lr<i>, input<i>, target<i>
+    input_names: tuple[str, ...]  # per graph input: state, lr<i>, input<i>, target<i>, const<i>
     n_model_inputs: int  # how many batch tensors the model takes (the rest are targets)
+    constants: tuple[torch.Tensor, ...] = ()  # the model's tensor constants: the last inputs
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -107,6 +112,18 @@ class TrainStep:
                             doc="next.<state> per state entry, then loss, loss_scale, skipped "
                                 "(and grad_norm with clipping)")
     n_model_inputs = property(lambda self: self._compiled.n_model_inputs)
+    ties = property(lambda self: dict(self._compiled.forward.captured.ties),
+                    doc="tied parameters: the name that holds the state -> its other names")
+
+    def aliases(self) -> dict[str, str]:
+        """State names under a tied parameter's other names -> the state name that holds it
+        (``master.head.weight`` -> ``master.emb.weight``)."""
+        out = {}
+        for first, others in self.ties.items():
+            for kind in (StateKind.MASTER, StateKind.WORKING):
+                if key(kind, first) in self.layout:
+                    out.update({key(kind, o): key(kind, first) for o in others})
+        return out
 
     @property
     def state(self) -> tuple[torch.Tensor, ...]:
@@ -114,13 +131,13 @@ class TrainStep:
         return tuple(self._state)
 
     def example_args(self) -> list[torch.Tensor]:
-        """One argument per graph input: the current state, the learning rates (float64 0-dim)
-        and zeros shaped like the example batch."""
+        """One argument per graph input: the current state, the learning rates (float64 0-dim),
+        zeros shaped like the example batch, and the model's tensor constants."""
         dev = self._state[0].device
         lrs = [torch.tensor(x, dtype=torch.float64, device=dev) for x in self.learning_rates()]
         batch = [torch.zeros(s.shape, dtype=s.dtype, device=s.device)
-                 for _, s in self._compiled.batch_signature]
-        return [*self._state, *lrs, *batch]
+                 for _, s in self._compiled.batch_signature if isinstance(s, TensorSpec)]
+        return [*self._state, *lrs, *batch, *self._compiled.constants]
 
     # -- running ---------------------------------------------------------------------------
 
@@ -142,13 +159,15 @@ class TrainStep:
             raise TrainStepError(f"set_lr: give one non-negative lr or {n} (one per group)")
         self._lr_override = lrs
 
-    def __call__(self, inputs: Any, targets: Any) -> StepResult:
+    def __call__(self, inputs: Any, targets: Any = None) -> StepResult:
         return self.step(inputs, targets)
 
-    def step(self, inputs: Any, targets: Any) -> StepResult:
-        """One training step on a batch; the state advances in place of the old."""
-        inputs, targets = as_args(inputs), as_args(targets)
-        sig = batch_signature(inputs, targets)
+    def step(self, inputs: Any, targets: Any = None) -> StepResult:
+        """One training step on a batch (inputs as at compile time: a tensor, a tuple, a dict
+        of keyword inputs; targets for ``loss_fn``); the state advances in place of the old."""
+        args, kwargs = split_inputs(inputs)
+        targets = as_args(targets)
+        sig = batch_signature(args, kwargs, targets)
         want = self._compiled.batch_signature
         if sig != want:
             raise SignatureError(
@@ -157,8 +176,8 @@ class TrainStep:
             )
         dev = self._state[0].device
         lrs = [torch.tensor(x, dtype=torch.float64, device=dev) for x in self.learning_rates()]
-        batch = [t for t in (*inputs, *targets) if isinstance(t, torch.Tensor)]
-        outs = self.executable(*self._state, *lrs, *batch)
+        batch = [*tensor_leaves(args, kwargs), *targets]
+        outs = self.executable(*self._state, *lrs, *batch, *self._compiled.constants)
         if self._lr_source is not None:
             # this step is the optimizer's step: tell torch's LR schedulers, which otherwise
             # warn that scheduler.step() came before optimizer.step()
@@ -172,19 +191,29 @@ class TrainStep:
 
     def state_dict(self) -> dict[str, Any]:
         """Masters, working copies, optimizer state, loss scale, good-step counter, step count
-        and buffers by name (tensors), plus the learning-rate override if one is set."""
+        and buffers by name (tensors), plus the learning-rate override if one is set. A tied
+        parameter's master and working copy appear under each of its names as the same tensor,
+        as in ``model.state_dict()``."""
         out: dict[str, Any] = dict(zip(self.layout.names, self._state))
+        out.update({alias: out[name] for alias, name in self.aliases().items()})
         out["lr_override"] = None if self._lr_override is None else list(self._lr_override)
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load what :meth:`state_dict` returned; every entry is checked before anything
         changes."""
-        names = self.layout.names
+        names, aliases = self.layout.names, self.aliases()
         missing = [k for k in names if k not in state]
-        extra = [k for k in state if k not in names and k != "lr_override"]
+        extra = [k for k in state if k not in names and k not in aliases and k != "lr_override"]
         if missing or extra:
             raise TrainStepError(f"load_state_dict: missing {missing}, unexpected {extra}")
+        for alias, name in aliases.items():
+            if alias in state and not (state[alias] is state[name] or (
+                    isinstance(state[alias], torch.Tensor) and state[alias].shape ==
+                    state[name].shape and torch.equal(state[alias], state[name]))):
+                raise TrainStepError(
+                    f"load_state_dict: {alias} and {name} are one tied parameter but the "
+                    "checkpoint holds different values for them")
         new = []
         for name, cur in zip(names, self._state):
             t = state[name]

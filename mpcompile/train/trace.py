@@ -43,8 +43,9 @@ class StepSpec:
     loss_scale: scaling.LossScale
     low: torch.dtype
     max_grad_norm: float | None
-    loss_fn: Callable
+    loss_fn: Callable | None  # None: the model returns its loss
     n_inputs: int  # tensors of the batch that are model inputs (the rest are targets)
+    n_constants: int  # tensor constants of the model, the step's last inputs
     keep_master: tuple[str, ...]  # parameters with an FP32 master (all, unless the ablation)
 
 
@@ -69,9 +70,10 @@ def _step_function(spec: StepSpec) -> Callable:
     def step(*flat):
         st = dict(zip(spec.layout.names, flat[:n_state]))
         lrs = flat[n_state:n_state + n_groups]
-        batch = flat[n_state + n_groups:]
+        batch = flat[n_state + n_groups:len(flat) - spec.n_constants]
+        consts = flat[len(flat) - spec.n_constants:]
         inputs, targets = batch[:spec.n_inputs], batch[spec.n_inputs:]
-        fp32_of, feed, leaves = _inputs(spec, st, inputs)
+        fp32_of, feed, leaves = _inputs(spec, st, inputs, consts)
         loss, grads, new_buffers = _forward_backward(spec, st, feed, leaves, targets)
         with torch.no_grad():
             g32, found, norm = _unscale(spec, st, grads)
@@ -94,8 +96,9 @@ def _step_function(spec: StepSpec) -> Callable:
     return step
 
 
-def _inputs(spec: StepSpec, st: dict, inputs: tuple):
-    """(FP32 value per parameter, the forward's feed, the autograd leaves per parameter)."""
+def _inputs(spec: StepSpec, st: dict, inputs: tuple, consts: tuple):
+    """(FP32 value per parameter, the forward's feed, the autograd leaves per parameter).
+    Tensor constants of the model come in as inputs (a real tensor cannot enter fake tracing)."""
     with phase("inputs"):
         leaves: dict[str, list[torch.Tensor]] = defaultdict(list)
 
@@ -108,7 +111,7 @@ def _inputs(spec: StepSpec, st: dict, inputs: tuple):
         params = {b.target for b in spec.bindings if b.kind is BindingKind.PARAM}
         fp32_of = {fqn: (st[key(StateKind.MASTER, fqn)] if fqn in spec.keep_master
                          else st[key(StateKind.WORKING, fqn)].to(F32)) for fqn in params}
-        feed = []
+        feed, next_const = [], iter(consts)
         for b in spec.bindings:
             if b.kind is BindingKind.PARAM:
                 feed.append(leaf(b.target, fp32_of[b.target]))
@@ -117,7 +120,7 @@ def _inputs(spec: StepSpec, st: dict, inputs: tuple):
             elif b.kind is BindingKind.BUFFER:
                 feed.append(st[key(StateKind.BUFFER, b.target)])
             elif b.kind is BindingKind.CONST:
-                feed.append(b.target)
+                feed.append(next(next_const))
             else:
                 feed.append(inputs[b.target])
     return fp32_of, feed, leaves
@@ -134,7 +137,9 @@ def _forward_backward(spec: StepSpec, st: dict, feed: list, leaves: dict, target
             else:
                 user.append(v)
         with phase("loss"):
-            loss = spec.loss_fn(spec.captured.out_spec.unflatten(user), *targets)
+            outputs = spec.captured.out_spec.unflatten(user)
+            loss = (spec.loss_fn(outputs, *targets) if spec.loss_fn is not None
+                    else model_loss(outputs))
         _check_scalar(loss)
         with phase("loss_scale"):
             scaled_loss = phases.scale_loss(loss, st["scale"], spec.loss_scale is not None)
@@ -150,6 +155,23 @@ def _forward_backward(spec: StepSpec, st: dict, feed: list, leaves: dict, target
     parts = {fqn: [by_leaf[id(t)] for t in leaves[fqn] if by_leaf[id(t)] is not None]
              for fqn in spec.plan.group_of}
     return loss, parts, new_buffers
+
+
+def model_loss(outputs: Any) -> Any:
+    """The loss a model returns: ``outputs.loss`` (Hugging Face ``ModelOutput``),
+    ``outputs["loss"]``, the first element of a tuple, or the output itself."""
+    if isinstance(outputs, dict) and "loss" in outputs:
+        found = outputs["loss"]
+    elif not isinstance(outputs, dict) and getattr(outputs, "loss", None) is not None:
+        found = outputs.loss
+    elif isinstance(outputs, (tuple, list)) and outputs:
+        found = outputs[0]
+    else:
+        found = outputs
+    if found is None:
+        raise TrainStepError("the model returned no loss (outputs.loss is None): pass labels "
+                             "in the batch, or give a loss_fn")
+    return found
 
 
 def _check_scalar(loss: Any) -> None:
