@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..dtypes import FLOAT32
 from ..errors import KernelError
 from . import mapping as mp
 from .epilogue import OPS, Operands, round_to
@@ -154,7 +155,7 @@ def run(spec: KernelSpec, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None 
         raise ModelCheckError("two threads store the same output element")
     if spec.split_k > 1:
         return partial.reshape(spec.split_k, -1).sum(0)
-    out[:] = partial if spec.epilogue.out == "float32" else round_to(partial, spec.epilogue.out)
+    out[:] = partial if spec.epilogue.out == FLOAT32.name else round_to(partial, spec.epilogue.out)
     return out
 
 

@@ -8,7 +8,7 @@ compile-time constants: a kernel is specialised to one matmul or convolution of 
 
 from __future__ import annotations
 
-from ..dtypes import info
+from ..dtypes import FLOAT32, info
 from . import mapping as mp
 from .epilogue import OPS
 from .expr import Sym, all_of, render
@@ -158,7 +158,7 @@ def _epilogue(spec: KernelSpec) -> str:
              for op in ep.ops]
     if spec.split_k > 1:  # each split writes its own FP32 partial; the caller sums them
         store = f"C[(long long)split * {spec.m * spec.c_ld} + off] = x;"
-    elif ep.out == "float32":
+    elif ep.out == FLOAT32.name:
         store = "C[off] = x;"
     else:
         store = f"C[off] = f32_to_{_short(ep.out)}(x);"

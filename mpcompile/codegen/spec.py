@@ -148,6 +148,15 @@ class Conv:
         return (self.w + 2 * self.pad[1] - self.dil[1] * (self.s - 1) - 1) // self.stride[1] + 1
 
 
+def conv_gemm_shape(kind: Kind, cv: Conv) -> tuple[int, int, int]:
+    """(M, N, K) of the implicit GEMM that computes convolution ``kind`` of ``cv``."""
+    return {
+        Kind.CONV_FPROP: (cv.n * cv.p * cv.q, cv.k, cv.r * cv.s * cv.c),
+        Kind.CONV_DGRAD: (cv.n * cv.h * cv.w, cv.c, cv.r * cv.s * cv.k),
+        Kind.CONV_WGRAD: (cv.k, cv.r * cv.s * cv.c, cv.n * cv.p * cv.q),
+    }[Kind(kind)]
+
+
 @dataclass(frozen=True)
 class Epilogue:
     """Ops on the FP32 accumulator, in order, then the cast to ``out``. ``scale`` multiplies by
@@ -237,11 +246,7 @@ class KernelSpec:
         cv = self.conv
         if cv is None:
             raise SpecError(f"{self.kind.value} needs conv geometry")
-        want = {
-            Kind.CONV_FPROP: (cv.n * cv.p * cv.q, cv.k, cv.r * cv.s * cv.c),
-            Kind.CONV_DGRAD: (cv.n * cv.h * cv.w, cv.c, cv.r * cv.s * cv.k),
-            Kind.CONV_WGRAD: (cv.k, cv.r * cv.s * cv.c, cv.n * cv.p * cv.q),
-        }[self.kind]
+        want = conv_gemm_shape(self.kind, cv)
         if (self.m, self.n, self.k) != want:
             raise SpecError(f"{self.kind.value}: m, n, k must be {want} for {cv}, got "
                             f"{(self.m, self.n, self.k)}")

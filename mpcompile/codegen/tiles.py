@@ -1,4 +1,4 @@
-"""The tile presets and the heuristics that pick a tile and a split-K factor for a problem.
+"""The tile presets and the heuristics that pick a tile, a split-K factor and copy widths.
 
 One place for these choices: the lowering pass uses them to build specs, ``KernelCall``'s
 autotuner times the presets, and ``scripts/gpu_check.py`` checks the same variants.
@@ -6,7 +6,8 @@ autotuner times the presets, and ``scripts/gpu_check.py`` checks the same varian
 
 from __future__ import annotations
 
-from .spec import Tile
+from ..dtypes import FLOAT32
+from .spec import Conv, Epilogue, KernelSpec, Kind, Tile, conv_gemm_shape, widest_vec
 
 TILES: dict[str, Tile] = {  # the configurations the lowering chooses from (and autotuning times)
     "large": Tile(128, 128, 32, 2, 4, 3),
@@ -36,4 +37,19 @@ def choose_split_k(k: int) -> int:
     return max(1, min(SPLIT_K_MAX, k // SPLIT_K_MIN_DEPTH))
 
 
-__all__ = ["SPLIT_K_MAX", "SPLIT_K_MIN_DEPTH", "TILES", "choose_split_k", "choose_tile"]
+def conv_spec(kind: Kind, dtype: str, cv: Conv, ops: tuple[str, ...] = (),
+              out: str | None = None) -> KernelSpec:
+    """The spec of convolution ``kind`` of ``cv``: preset tile by the GEMM's M x N, split-K for
+    weight gradients (FP32 partials: the output is then FP32, rounded by the caller), the
+    widest copies the channel counts allow. ``out`` defaults to ``dtype``."""
+    m, n, k = conv_gemm_shape(kind, cv)
+    split = choose_split_k(k) if kind is Kind.CONV_WGRAD else 1
+    out = FLOAT32.name if split > 1 else (out or dtype)
+    return KernelSpec(kind, dtype, m, n, k, tile=choose_tile(m, n),
+                      epilogue=Epilogue(tuple(ops), out, dtype), conv=cv, split_k=split,
+                      vec_a=widest_vec(cv.c if kind is Kind.CONV_FPROP else cv.k),
+                      vec_b=widest_vec(cv.c))
+
+
+__all__ = ["SPLIT_K_MAX", "SPLIT_K_MIN_DEPTH", "TILES", "choose_split_k", "choose_tile",
+           "conv_spec"]

@@ -27,9 +27,9 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from ..capture import BindingKind
 from ..costmodel import F32, CastModel, ProbeError
 from ..dtypes import dtype_name
-from ..capture import BindingKind
 from ..fxutil import arg_slots, copy_module, is_cast, is_getitem, numel, val_dtype
 from ..policy import OpClass
 from ..records import record, update

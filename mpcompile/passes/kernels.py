@@ -1,4 +1,4 @@
-"""Stage 5: matmuls and convolutions -> generated tensor-core kernels (``KernelCall`` modules).
+"""Stage "kernels": matmuls and convolutions -> generated tensor-core kernels (``KernelCall``).
 
 Every low-precision ``mm`` / ``addmm`` / ``bmm`` / ``convolution`` / ``convolution_backward``
 becomes a ``call_module`` to a :class:`~mpcompile.runtime.kernel.KernelCall` holding a
@@ -25,9 +25,10 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from ..codegen.spec import Conv, Epilogue, KernelSpec, Kind, SpecError, Tile, widest_vec
-from ..dtypes import dtype_name
-from ..fxutil import is_getitem, val_dtype
+from ..codegen.spec import Conv, Epilogue, KernelSpec, Kind, SpecError, widest_vec
+from ..codegen.tiles import choose_tile, conv_spec
+from ..dtypes import FLOAT32, LOW, dtype_name
+from ..fxutil import copy_module, is_getitem, val_dtype
 from ..records import MP, NodeRecord, record, update
 from ..runtime.kernel import ConvArgs, KernelCall
 from .context import Context
@@ -35,25 +36,13 @@ from .context import Context
 aten = torch.ops.aten
 LOWERABLE = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convolution.default,
              aten.convolution_backward.default)
-_LOW = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _TRANSPOSES = (aten.t.default, aten.permute.default, aten.transpose.int)
-
-TILES = {  # the configurations the lowering chooses from (and the autotuner times)
-    "large": Tile(128, 128, 32, 2, 4, 3),
-    "medium": Tile(64, 128, 32, 2, 2, 3),
-    "small": Tile(64, 64, 32, 2, 2, 3),
-    "tiny": Tile(32, 32, 32, 1, 2, 2),
-}
+STAGE = "kernels"  # the provenance of the nodes this pass makes
 
 
-def choose_tile(m: int, n: int) -> Tile:
-    if m >= 1024 and n >= 1024:
-        return TILES["large"]
-    if m >= 256 and n >= 128:
-        return TILES["medium"]
-    if m >= 64 and n >= 64:
-        return TILES["small"]
-    return TILES["tiny"]
+def _low(dtype: torch.dtype | None) -> str | None:
+    """The kernel dtype name ("float16"/"bfloat16") of a low-precision dtype; None otherwise."""
+    return dtype_name(dtype) if dtype in LOW else None
 
 
 def enabled(ctx: Context) -> bool:
@@ -62,8 +51,8 @@ def enabled(ctx: Context) -> bool:
 
 
 def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
-    from ..fxutil import copy_module
-
+    """A copy of ``gm`` with every lowerable node replaced by a ``KernelCall`` (``gm`` is left
+    as it is)."""
     gm = copy_module(gm)
     if not enabled(ctx):
         return gm
@@ -122,8 +111,8 @@ def _epilogue_chain(node: fx.Node, low: str, allow_transpose: bool):
         elif u.target is aten._to_copy.default and set(u.kwargs) == {"dtype"} and \
                 u.kwargs["dtype"] is torch.float32 and out == low:
             ops.append("round")
-            out = "float32"
-        elif (u.target is aten.mul.Tensor and out == "float32" and scale is None
+            out = FLOAT32.name
+        elif (u.target is aten.mul.Tensor and out == FLOAT32.name and scale is None
               and isinstance(u.args[1], fx.Node) and u.args[0] is last
               and _val(u.args[1]).dim() == 0 and val_dtype(u.args[1]) is torch.float32):
             ops.append("scale")
@@ -143,7 +132,7 @@ def _epilogue_chain(node: fx.Node, low: str, allow_transpose: bool):
 def _lower(gm: fx.GraphModule, node: fx.Node, idx: int) -> int | str:
     if node.target is aten.convolution_backward.default:
         return _lower_conv_backward(gm, node, idx)
-    low = _LOW.get(val_dtype(node))
+    low = _low(val_dtype(node))
     if low is None:
         return f"it computes in {dtype_name(val_dtype(node))}, not float16/bfloat16"
     if node.target is aten.convolution.default:
@@ -186,7 +175,7 @@ def _lower_gemm(gm, node, idx, low) -> int | str:
     else:
         a_arg, b_arg = a, b
     args = [a_arg, b_arg] + ([bias] if bias is not None else []) + ([scale] if scale else [])
-    _replace(gm, node, last, fused, KernelCall(spec, "gemm", bias is not None, scale is not None),
+    _replace(gm, node, last, fused, KernelCall(spec, bias is not None, scale is not None),
              args, idx)
     return 1
 
@@ -195,7 +184,7 @@ def _transposed_view(gm, at: fx.Node, x: fx.Node) -> fx.Node:
     with gm.graph.inserting_before(at):
         v = gm.graph.call_function(aten.t.default, (x,))
     v.meta["val"] = _val(x).t()
-    v.meta[MP] = NodeRecord("lower", precision=val_dtype(x), decided_by="lower",
+    v.meta[MP] = NodeRecord(STAGE, precision=val_dtype(x), decided_by=STAGE,
                             decision="transposed view: the kernel computes the transposed "
                                      "product")
     return v
@@ -209,12 +198,9 @@ def _lower_conv(gm, node, idx, low) -> int | str:
     ops, out, _, scale, last, fused = _epilogue_chain(node, low, allow_transpose=False)
     if bias is not None:
         ops = ["bias_n", *ops]
-    spec = KernelSpec(Kind.CONV_FPROP, low, cv.n * cv.p * cv.q, cv.k, cv.r * cv.s * cv.c,
-                      tile=choose_tile(cv.n * cv.p * cv.q, cv.k),
-                      epilogue=Epilogue(tuple(ops), out, low), conv=cv,
-                      vec_a=widest_vec(cv.c), vec_b=widest_vec(cv.c))
+    spec = conv_spec(Kind.CONV_FPROP, low, cv, tuple(ops), out)
     args = [x, w] + ([bias] if bias is not None else []) + ([scale] if scale else [])
-    call = KernelCall(spec, "conv", bias is not None, scale is not None,
+    call = KernelCall(spec, bias is not None, scale is not None,
                       ConvArgs(cv.stride, cv.pad, cv.dil))
     _replace(gm, node, last, fused, call, args, idx)
     return 1
@@ -227,7 +213,7 @@ def _conv(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> Conv:
 
 def _lower_conv_backward(gm, node, idx) -> int | str:
     go, x, w, _, stride, padding, dilation, transposed, _, groups, mask = node.args[:11]
-    low = _LOW.get(val_dtype(go))
+    low = _low(val_dtype(go))
     if low is None:
         return f"it computes in {dtype_name(val_dtype(go))}, not float16/bfloat16"
     if transposed or groups != 1 or _val(x).dim() != 4:
@@ -238,22 +224,13 @@ def _lower_conv_backward(gm, node, idx) -> int | str:
     made = 0
     conv_args = ConvArgs(cv.stride, cv.pad, cv.dil, tuple(_val(x).shape), tuple(_val(w).shape))
     if mask[0] and 0 in getitems:
-        spec = KernelSpec(Kind.CONV_DGRAD, low, cv.n * cv.h * cv.w, cv.c, cv.r * cv.s * cv.k,
-                          tile=choose_tile(cv.n * cv.h * cv.w, cv.c),
-                          epilogue=Epilogue((), low, low), conv=cv,
-                          vec_a=widest_vec(cv.k), vec_b=widest_vec(cv.c))
-        _replace(gm, getitems[0], getitems[0], [], KernelCall(spec, "dgrad", False, False,
-                                                               conv_args), [go, w], idx + made)
+        call = KernelCall(conv_spec(Kind.CONV_DGRAD, low, cv), False, False, conv_args)
+        _replace(gm, getitems[0], getitems[0], [], call, [go, w], idx + made)
         made += 1
     if mask[1] and 1 in getitems:
-        k_gemm = cv.n * cv.p * cv.q
-        split = max(1, min(32, k_gemm // 4096))
-        spec = KernelSpec(Kind.CONV_WGRAD, low, cv.k, cv.r * cv.s * cv.c, k_gemm,
-                          tile=choose_tile(cv.k, cv.r * cv.s * cv.c),
-                          epilogue=Epilogue((), "float32" if split > 1 else low, low),
-                          conv=cv, split_k=split, vec_a=widest_vec(cv.k),
-                          vec_b=widest_vec(cv.c))
-        call = KernelCall(spec, "wgrad", False, False, conv_args, final=low)
+        # split-K: FP32 partials summed after the kernel, rounded once to ``low``
+        call = KernelCall(conv_spec(Kind.CONV_WGRAD, low, cv), False, False, conv_args,
+                          final=low)
         _replace(gm, getitems[1], getitems[1], [], call, [go, x], idx + made)
         made += 1
     if mask[2] and 2 in getitems:  # the bias gradient stays a reduction over N, H, W
@@ -261,7 +238,7 @@ def _lower_conv_backward(gm, node, idx) -> int | str:
         with g.inserting_before(gi):
             s = g.call_function(aten.sum.dim_IntList, (go, [0, 2, 3]))
         s.meta.update(gi.meta)
-        s.meta[MP] = dataclasses.replace(record(gi), created_by="lower",
+        s.meta[MP] = dataclasses.replace(record(gi), created_by=STAGE,
                                          decision="bias gradient of the lowered convolution")
         gi.replace_all_uses_with(s)
         g.erase_node(gi)
@@ -285,7 +262,7 @@ def _replace(gm, first: fx.Node, last: fx.Node, fused: list[fx.Node], call: Kern
     fused_names = ", ".join(f.name for f in fused)
     t = call.spec.tile
     new.meta[MP] = dataclasses.replace(
-        base, created_by="lower", decided_by="lower",
+        base, created_by=STAGE, decided_by=STAGE,
         precision=val_dtype(first) if not is_getitem(first) else base.precision,
         decision=(f"lowered {first.name} ({first.target}) to generated kernel "
                   f"{call.spec.name}: tile {t.bm}x{t.bn}x{t.bk}, {t.warps} warps, "
@@ -299,4 +276,4 @@ def _replace(gm, first: fx.Node, last: fx.Node, fused: list[fx.Node], call: Kern
             g.erase_node(n)
 
 
-__all__ = ["LOWERABLE", "TILES", "choose_tile", "enabled", "run"]
+__all__ = ["LOWERABLE", "STAGE", "enabled", "run"]
