@@ -41,7 +41,8 @@ class KernelInfo:
     kind: str
     tile: str
     epilogue: str
-    backend: str
+    backend: str  # readable: state and detail
+    state: str = ""  # KernelState value: "not run yet", "generated kernel", "library", "reference"
 
     def __str__(self) -> str:
         return (f"{self.node}: {self.kernel} ({self.kind}, tile {self.tile}, epilogue "
@@ -58,7 +59,7 @@ def kernel_infos(gm: fx.GraphModule) -> tuple[KernelInfo, ...]:
                                   f"{t.bm}x{t.bn}x{t.bk}/{t.warps}w/{t.stages}s",
                                   f"{list(sp.epilogue.ops)}->{sp.epilogue.out}"
                                   + (f", split-K {sp.split_k}" if sp.split_k > 1 else ""),
-                                  mod.backend))
+                                  mod.backend, mod.state.value))
     return tuple(out)
 
 

@@ -1,0 +1,324 @@
+"""Generated tensor-core kernels, checked without a GPU: the PTX ISA fragment and ldmatrix
+layouts; the epilogue table against formulas written here; the NumPy model of a kernel (the
+mapping functions the renderer emits) against float64 matmuls and torch convolutions on ragged
+shapes; spec validation; source snapshots (change detectors only); NVRTC -> cubin with no spills,
+registers within the tile's budget and HMMA.16816.F32 only (default: one model's kernels, sm_80;
+``-m slow``: every lowered kernel of every test model, sm_80 and sm_90)."""
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mpcompile
+from mpcompile import Policy
+from mpcompile.codegen import mapping as mp
+from mpcompile.codegen import model
+from mpcompile.codegen.epilogue import NAMES, OPS, Operands
+from mpcompile.codegen.render import render_source
+from mpcompile.codegen.spec import Conv, Epilogue, KernelSpec, Kind, SpecError, Tile
+from mpcompile.codegen.tiles import TILES
+from mpcompile.errors import KernelError
+from mpcompile.examples import EXAMPLES, batch
+from mpcompile.runtime import nvrtc, sass
+from mpcompile.runtime.kernel import KernelCall
+
+F16, BF16 = torch.float16, torch.bfloat16
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import gpu_check as gc  # noqa: E402
+
+needs_nvrtc = pytest.mark.skipif(not (nvrtc.available() and sass.available()),
+                                 reason="NVRTC / cuobjdump wheels not installed")
+rng = np.random.default_rng(0)
+
+
+# --- PTX ISA layouts --------------------------------------------------------------------------
+
+
+def test_fragment_layouts_match_the_ptx_isa_tables():
+    """mma.m16n8k16 (.f16/.bf16 inputs): groupID = lane >> 2, threadID_in_group = lane % 4.
+    A: a0,a1 row groupID cols 2t..2t+1; a2,a3 row groupID+8; a4,a5 row groupID cols 2t+8..;
+    a6,a7 row groupID+8 cols 2t+8... B: b0,b1 rows 2t..2t+1, b2,b3 rows 2t+8.., col groupID.
+    C: c0,c1 row groupID cols 2t..2t+1; c2,c3 row groupID+8."""
+    lane = 5  # groupID 1, threadID_in_group 1
+    assert [mp.frag_a(lane, i) for i in range(8)] == [
+        (1, 2), (1, 3), (9, 2), (9, 3), (1, 10), (1, 11), (9, 10), (9, 11)]
+    assert [mp.frag_b(lane, i) for i in range(4)] == [(2, 1), (3, 1), (10, 1), (11, 1)]
+    assert [mp.frag_c(lane, i) for i in range(4)] == [(1, 2), (1, 3), (9, 2), (9, 3)]
+    lane = 31  # groupID 7, threadID_in_group 3
+    assert mp.frag_a(lane, 7) == (15, 15) and mp.frag_b(lane, 3) == (15, 7)
+    assert mp.frag_c(lane, 3) == (15, 7)
+
+
+def test_ldmatrix_delivery_matches_the_ptx_isa():
+    """ldmatrix: "each thread receives two elements of row lane/4 ... at columns 2*(lane%4)";
+    with .trans the matrix is transposed."""
+    assert [mp.ldmatrix_element(9, e, False) for e in (0, 1)] == [(2, 2), (2, 3)]
+    assert [mp.ldmatrix_element(9, e, True) for e in (0, 1)] == [(2, 2), (3, 2)]
+
+
+@pytest.mark.parametrize("cpr", [2, 4, 8, 16])
+def test_swizzle_is_a_bijection_and_spreads_banks(cpr):
+    rows = np.arange(64)[:, None]
+    chunks = np.arange(cpr)[None, :]
+    sw = mp.swizzle(rows, chunks, cpr)
+    assert all(sorted(r) == list(range(cpr)) for r in sw)  # a permutation of each row
+    # the 8 rows of one ldmatrix phase land in 8 different 16-byte bank groups
+    for c in range(cpr):
+        offs = mp.smem_offset(np.arange(8), c * 8, cpr * 8) * 2
+        assert len({(o // 16) % 8 for o in offs}) == 8
+
+
+# --- the epilogue table ----------------------------------------------------------------------
+
+
+def _phi(x):  # the standard normal CDF, through erfc (the table's gelu uses erf)
+    return 0.5 * np.vectorize(math.erfc)(-x / math.sqrt(2))
+
+
+MEANING = {  # what each epilogue op computes, written independently of the table
+    "scale": lambda x, bias: 0.25 * x,
+    "bias_n": lambda x, bias: x + bias,
+    "relu": lambda x, bias: np.where(x > 0, x, 0.0),
+    "gelu": lambda x, bias: x * _phi(x),
+    "gelu_tanh": lambda x, bias: x / (1 + np.exp(-2 * math.sqrt(2 / math.pi)
+                                                 * (x + 0.044715 * x ** 3))),
+    "round": lambda x, bias: x.astype(np.float16).astype(np.float64),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_epilogue_ops_compute_what_they_mean(name):
+    """The NumPy form (the kernel's model) and the torch form (the reference contract) of each op
+    against its definition; the torch form keeps FP32 in FP32."""
+    assert set(MEANING) == set(NAMES)
+    x = rng.standard_normal(257) * 4
+    bias = rng.standard_normal(257)
+    want = MEANING[name](x, bias)
+    np.testing.assert_allclose(OPS[name].numpy(x, Operands("float16", bias, 0.25)), want,
+                               rtol=1e-12, atol=1e-12)
+    o = Operands("float16", torch.from_numpy(bias), torch.tensor(0.25))
+    got = OPS[name].torch(torch.from_numpy(x), o)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+    assert OPS[name].torch(torch.from_numpy(x).float(), o).dtype is torch.float32
+    assert OPS[name].linear == (name == "scale") and OPS[name].rounds == (name == "round")
+
+
+# --- the NumPy model of the kernels -----------------------------------------------------------
+
+
+def _low(x, dt="float16"):
+    return model.round_to(x, dt)
+
+
+@pytest.mark.parametrize("a_layout", ["row", "col"])
+@pytest.mark.parametrize("b_layout", ["row", "col"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_model_gemm_on_ragged_shapes(a_layout, b_layout, dtype):
+    m, n, k = 70, 45, 40  # no tile multiple
+    a, b = _low(rng.standard_normal((m, k)), dtype), _low(rng.standard_normal((k, n)), dtype)
+    bias = _low(rng.standard_normal(n), dtype)
+    a_mem = (a if a_layout == "row" else a.T).copy().ravel()
+    b_mem = (b if b_layout == "row" else b.T).copy().ravel()
+    lda, ldb = (k if a_layout == "row" else m), (n if b_layout == "row" else k)
+    spec = KernelSpec("gemm", dtype, m, n, k, tile=Tile(64, 64, 32, 2, 2, 3),
+                      epilogue=Epilogue(("bias_n", "gelu"), "float32", dtype),
+                      a_layout=a_layout, b_layout=b_layout, lda=lda, ldb=ldb, ldc=n,
+                      vec_a=2 if lda % 8 else 8, vec_b=1 if ldb % 8 else 8)
+    out = model.run(spec, a_mem, b_mem, bias=bias).reshape(m, n)
+    np.testing.assert_allclose(out, MEANING["gelu"](a @ b + bias, None), rtol=1e-12, atol=1e-12)
+
+
+def test_model_batched_gemm_with_broadcast_operand_and_fp16_output():
+    bt, m, n, k = 3, 33, 24, 48
+    a = _low(rng.standard_normal((bt, m, k)))
+    b = _low(rng.standard_normal((k, n)))  # one B for every batch: batch stride 0
+    spec = KernelSpec("gemm", "float16", m, n, k, batch=bt, tile=Tile(32, 32, 16, 1, 2, 2),
+                      epilogue=Epilogue(("relu",), "float16"), lda=k, ldb=n, ldc=n,
+                      batch_stride_a=m * k, batch_stride_b=0, batch_stride_c=m * n)
+    out = model.run(spec, a.ravel(), b.ravel()).reshape(bt, m, n)
+    np.testing.assert_array_equal(out, _low(np.maximum(a @ b, 0)))  # one rounding
+
+
+def test_model_split_k_with_scale():
+    m, n, k = 40, 56, 300
+    a, b = _low(rng.standard_normal((m, k))), _low(rng.standard_normal((k, n)))
+    spec = KernelSpec("gemm", "float16", m, n, k, tile=Tile(32, 32, 32, 1, 2, 3),
+                      epilogue=Epilogue(("scale",), "float32"), lda=k, ldb=n, ldc=n,
+                      split_k=4, vec_a=4)
+    out = model.run(spec, a.ravel(), b.ravel(), scale=0.25).reshape(m, n)
+    np.testing.assert_allclose(out, 0.25 * (a @ b), rtol=1e-12, atol=1e-12)
+
+
+CONVS = [
+    Conv(2, 7, 6, 8, 16, 3, 3, (1, 1), (1, 1), (1, 1)),
+    Conv(1, 9, 9, 16, 8, 3, 3, (2, 2), (1, 1), (1, 1)),
+    Conv(2, 8, 7, 8, 8, 3, 2, (2, 1), (0, 1), (2, 1)),
+    Conv(1, 5, 5, 3, 4, 3, 3, (1, 1), (1, 1), (1, 1)),  # C=3: element-wise copies
+    Conv(2, 6, 6, 8, 24, 1, 1, (1, 1), (0, 0), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("cv", CONVS, ids=lambda c: f"{c.h}x{c.w}c{c.c}k{c.k}r{c.r}s{c.s}"
+                         f"st{c.stride[0]}{c.stride[1]}")
+def test_model_convolutions_against_torch(cv):
+    x = _low(rng.standard_normal((cv.n, cv.c, cv.h, cv.w)))
+    w = _low(rng.standard_normal((cv.k, cv.c, cv.r, cv.s)))
+    xt, wt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    y = torch.nn.functional.conv2d(xt, wt, None, cv.stride, cv.pad, cv.dil)
+    dy = _low(rng.standard_normal(tuple(y.shape)))
+    y.backward(torch.from_numpy(dy))
+    vec = 8 if cv.c % 8 == 0 and cv.k % 8 == 0 else 1
+    nhwc = lambda t: t.transpose(0, 2, 3, 1).copy().ravel()  # noqa: E731
+    tile = Tile(32, 32, 16, 1, 2, 2)
+    fprop = KernelSpec("conv_fprop", "float16", cv.n * cv.p * cv.q, cv.k, cv.r * cv.s * cv.c,
+                       tile=tile, epilogue=Epilogue((), "float32"), conv=cv, vec_a=vec,
+                       vec_b=vec)
+    out = model.run(fprop, nhwc(x), nhwc(w)).reshape(cv.n, cv.p, cv.q, cv.k)
+    np.testing.assert_allclose(out.transpose(0, 3, 1, 2), y.detach().numpy(), atol=1e-10)
+    dgrad = KernelSpec("conv_dgrad", "float16", cv.n * cv.h * cv.w, cv.c, cv.r * cv.s * cv.k,
+                       tile=tile, epilogue=Epilogue((), "float32"), conv=cv, vec_a=vec,
+                       vec_b=vec)
+    dx = model.run(dgrad, nhwc(dy), nhwc(w)).reshape(cv.n, cv.h, cv.w, cv.c)
+    np.testing.assert_allclose(dx.transpose(0, 3, 1, 2), xt.grad.numpy(), atol=1e-10)
+    wgrad = KernelSpec("conv_wgrad", "float16", cv.k, cv.r * cv.s * cv.c, cv.n * cv.p * cv.q,
+                       tile=tile, epilogue=Epilogue(("scale",), "float32"), conv=cv,
+                       split_k=3, vec_a=vec, vec_b=vec)
+    dw = model.run(wgrad, nhwc(dy), nhwc(x), scale=0.5).reshape(cv.k, cv.r, cv.s, cv.c)
+    np.testing.assert_allclose(dw.transpose(0, 3, 1, 2), 0.5 * wt.grad.numpy(), atol=1e-10)
+
+
+# --- spec validation --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: Tile(100, 64, 32, 2, 2, 3), "not a multiple of 16 x warps_m"),
+    (lambda: Tile(64, 64, 24, 2, 2, 3), "bk=24"),
+    (lambda: Tile(64, 80, 32, 2, 2, 3), "multiple of 16 x warps_n"),
+    (lambda: Tile(64, 96, 32, 2, 2, 3), "chunks per row must be 1, 2, 4 or a multiple of 8"),
+    (lambda: Tile(64, 64, 32, 2, 2, 9), "stages=9"),
+    (lambda: Tile(64, 64, 32, 8, 8, 2), "not a multiple of 16 x warps_m"),
+    (lambda: KernelSpec("gemm", "float16", 64, 64, 64, tile=Tile(256, 256, 64, 4, 4, 6),
+                        lda=64, ldb=64, ldc=64), "shared memory"),
+    (lambda: KernelSpec("gemm", "float16", 64, 64, 60, lda=60, ldb=64, ldc=64),
+     "vec_a=8 does not divide"),
+    (lambda: KernelSpec("gemm", "float32", 64, 64, 64, lda=64, ldb=64, ldc=64), "dtype"),
+    (lambda: KernelSpec("gemm", "float16", 64, 64, 64, lda=32, ldb=64, ldc=64),
+     "leading dimensions"),
+    (lambda: KernelSpec("gemm", "float16", 64, 64, 64, lda=64, ldb=64, ldc=64, split_k=2,
+                        epilogue=Epilogue(("relu",), "float32")), "split-K"),
+    (lambda: KernelSpec("conv_fprop", "float16", 10, 16, 72, conv=CONVS[0]), "m, n, k must"),
+    (lambda: Epilogue(("softmax",)), "unknown"),
+])
+def test_impossible_specs_are_rejected(make, match):
+    with pytest.raises(SpecError, match=match):
+        make()
+    assert issubclass(SpecError, KernelError) and issubclass(SpecError, ValueError)
+
+
+# --- generated source -------------------------------------------------------------------------
+
+
+SNAPSHOT_SPECS = {
+    "gemm_f16_nt_bias_relu": KernelSpec(
+        "gemm", "float16", 256, 512, 128, tile=Tile(128, 128, 32, 2, 4, 3),
+        epilogue=Epilogue(("bias_n", "relu"), "float16"), a_layout="row", b_layout="col",
+        lda=128, ldb=128, ldc=512),
+    "gemm_bf16_tn_round_scale": KernelSpec(
+        "gemm", "bfloat16", 96, 80, 200, tile=Tile(64, 64, 32, 2, 2, 3),
+        epilogue=Epilogue(("round", "scale"), "float32"), a_layout="col", b_layout="row",
+        lda=96, ldb=80, ldc=80),
+    "conv_wgrad_f16_split": KernelSpec(
+        "conv_wgrad", "float16", 16, 72, 84, tile=Tile(32, 32, 32, 1, 2, 2),
+        epilogue=Epilogue((), "float32"), conv=CONVS[0], split_k=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SNAPSHOT_SPECS))
+def test_source_snapshot_change_detector(name):
+    """A change detector, not a correctness oracle: the expected text is the renderer's own
+    earlier output, so this only says that the source changed (review the diff, then
+    UPDATE_SNAPSHOTS=1). Correctness comes from the model, compile and GPU tests."""
+    src = render_source(SNAPSHOT_SPECS[name])
+    path = SNAPSHOTS / f"{name}.cu"
+    if os.environ.get("UPDATE_SNAPSHOTS"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(src)
+    assert path.exists(), "run with UPDATE_SNAPSHOTS=1 to create the snapshot"
+    assert src == path.read_text(), f"{name}: generated source changed (UPDATE_SNAPSHOTS=1)"
+    assert "#include" not in src and "cutlass" not in src.lower()
+    assert "mma.sync.aligned.m16n8k16.row.col.f32" in src and "ldmatrix" in src
+
+
+# --- compiling the kernels the lowering chooses -----------------------------------------------
+
+
+def lowered_specs(names, lows) -> dict[str, KernelSpec]:
+    """The specs of every KernelCall in the forward and training-step graphs that run."""
+    specs = {}
+    for name in names:
+        for low in lows:
+            ex = EXAMPLES[name]
+            x, y = batch(ex)
+            policy = Policy(dtype=low, kernels="on")
+            mpm = mpcompile.convert(ex.build().eval(), x, policy=policy)
+            m = ex.build().train()
+            step = mpcompile.compile_train_step(m, ex.loss, x, y, policy=policy,
+                                                optimizer=torch.optim.SGD(m.parameters(), 0.1))
+            for gm in (mpm.executable, step.executable):
+                for mod in gm.modules():
+                    if isinstance(mod, KernelCall):
+                        specs[mod.spec.name] = mod.spec
+    return specs
+
+
+def _check_cubin(spec: KernelSpec, arch: str) -> None:
+    """No spills or stack, registers within ``gc.register_budget`` (a real bound: unrolling the
+    K loop twice trips it), shared memory within the arch, HMMA.16816.F32 only."""
+    assert not gc.cubin_problems(spec, arch), (spec.name, arch, gc.cubin_problems(spec, arch))
+
+
+EXTRA_SPECS = {  # what the test models do not reach: the large preset, every epilogue op
+    "large": gc.gemm_spec("float16", 1024, 1024, 256),
+    "all_ops": KernelSpec("gemm", "bfloat16", 96, 64, 64, tile=TILES["small"], lda=64, ldb=64,
+                          ldc=64, epilogue=Epilogue(NAMES, "float32", "float32")),
+}
+
+
+@needs_nvrtc
+def test_representative_kernels_compile(tmp_path, monkeypatch):
+    """Default run, sm_80: the cnn example's kernels (GEMMs and a conv fprop, dgrad and wgrad,
+    the last with element-wise copies of its 3-channel input: the most registers), the snapshot
+    specs, the large preset and every epilogue op."""
+    monkeypatch.setenv("MPCOMPILE_CACHE", str(tmp_path))
+    specs = {**lowered_specs(["cnn"], [F16]),
+             **{s.name: s for s in [*SNAPSHOT_SPECS.values(), *EXTRA_SPECS.values()]}}
+    assert {s.kind for s in specs.values()} == set(Kind)
+    assert EXTRA_SPECS["large"].tile == TILES["large"]
+    for spec in specs.values():
+        _check_cubin(spec, "sm_80")
+    spec = next(iter(specs.values()))  # the disk cache answers a second request
+    assert nvrtc.compile_cubin(render_source(spec), spec.name, "sm_80").cached
+
+
+@pytest.mark.slow
+@needs_nvrtc
+def test_every_lowered_kernel_compiles_for_sm80_and_sm90(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPCOMPILE_CACHE", str(tmp_path))
+    specs = {**lowered_specs(sorted(EXAMPLES), [F16, BF16]),
+             **{s.name: s for s in [*SNAPSHOT_SPECS.values(), *EXTRA_SPECS.values()]}}
+    assert len(specs) > 50
+    for spec in specs.values():
+        for arch in ("sm_80", "sm_90"):
+            _check_cubin(spec, arch)
+
+
+@needs_nvrtc
+def test_compile_errors_name_the_kernel():
+    with pytest.raises(nvrtc.CompileError, match="mpk_broken does not compile for sm_80"):
+        nvrtc.compile_cubin("extern \"C\" __global__ void mpk_broken() { oops; }",
+                            "mpk_broken", "sm_80", use_cache=False)
