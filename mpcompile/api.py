@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -186,6 +187,7 @@ class MixedPrecisionModule(torch.nn.Module):
         object.__setattr__(self, "_cache_size", cache_size)
         object.__setattr__(self, "_programs", OrderedDict())
         object.__setattr__(self, "_last", None)
+        object.__setattr__(self, "_lock", threading.RLock())  # one recapture at a time
         self.training = model.training
 
     # -- nn.Module behaviour ----------------------------------------------------------------
@@ -210,6 +212,10 @@ class MixedPrecisionModule(torch.nn.Module):
         """The program for these inputs in the module's current train/eval mode: the cached one,
         or a new capture (subject to ``recapture``)."""
         kwargs = dict(kwargs or {})
+        with self._lock:
+            return self._program_locked(args, kwargs)
+
+    def _program_locked(self, args: tuple, kwargs: dict) -> Program:
         sig = Signature.of(args, kwargs, self.training)
         programs: OrderedDict = self._programs
         program = programs.get(sig)

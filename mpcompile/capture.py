@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Iterable
@@ -47,6 +48,10 @@ aten = torch.ops.aten
 _KEEP_WHOLE = (aten.scaled_dot_product_attention.default,)
 _DROP = (aten._assert_tensor_metadata.default,)
 _PREFIX = "model."
+# torch.export swaps process-wide state while it traces (the tracing mode, sys.stderr here, a
+# logger's level): two captures at once return fake tensors and can leave a model's parameters
+# replaced by them. One capture at a time per process.
+_CAPTURE_LOCK = threading.RLock()
 
 
 # --- capture --------------------------------------------------------------------------------
@@ -194,6 +199,12 @@ def _export(flat: torch.nn.Module, tensors: tuple, keep_whole: Iterable[OpOverlo
             model: torch.nn.Module):
     """torch.export + run_decompositions; any failure is a CaptureError naming the model's
     line. Every module's train/eval flag is left exactly as it was."""
+    with _CAPTURE_LOCK:
+        return _export_locked(flat, tensors, keep_whole, name, model)
+
+
+def _export_locked(flat: torch.nn.Module, tensors: tuple, keep_whole: Iterable[OpOverload],
+                   name: str, model: torch.nn.Module):
     modes = module_modes(model)
     # On failure torch logs and prints a partial graph; we raise a CaptureError naming the
     # model's line instead. So: quiet that logger, and hold stderr, replaying it on success.

@@ -10,12 +10,17 @@ count untouched (the caller gates the results with ``where``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import TrainStepError
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -34,7 +39,7 @@ class SGD:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.lr >= 0, f"SGD: invalid lr {self.lr}")
+        _check(_finite(self.lr) and self.lr >= 0, f"SGD: invalid lr {self.lr}")
         _check(self.momentum >= 0, f"SGD: invalid momentum {self.momentum}")
         _check(self.weight_decay >= 0, f"SGD: invalid weight_decay {self.weight_decay}")
         _check(not self.nesterov or (self.momentum > 0 and self.dampening == 0),
@@ -57,7 +62,7 @@ class Adam:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        _check(self.lr >= 0, f"{name}: invalid lr {self.lr}")
+        _check(_finite(self.lr) and self.lr >= 0, f"{name}: invalid lr {self.lr}")
         _check(self.eps >= 0, f"{name}: invalid eps {self.eps}")
         _check(all(0 <= b < 1 for b in self.betas), f"{name}: invalid betas {self.betas}")
         _check(self.weight_decay >= 0, f"{name}: invalid weight_decay {self.weight_decay}")
@@ -90,11 +95,19 @@ class Plan:
         return self.groups[self.group_of[fqn]]
 
 
-_UNSUPPORTED = {
-    "amsgrad": True,
-    "maximize": True,
-    "differentiable": True,
+# Every key a torch optimizer's param group may hold, and what the compiled step does with it:
+# honoured (read into the spec), free (an implementation choice with the same results: foreach
+# runs the same formulas, checked bit for bit by tests/test_reliability.py), or only its default
+# accepted (anything else is refused, naming the option). A key not listed here (an option a
+# newer torch adds) is refused too, so nothing is silently ignored.
+_HONOURED = {
+    "SGD": ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
+    "Adam": ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay"),
+    "AdamW": ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay"),
 }
+_FREE = ("params", "foreach", "initial_lr")  # initial_lr: set by LR schedulers
+_DEFAULT_ONLY = {"maximize": False, "amsgrad": False, "differentiable": False, "fused": None,
+                 "capturable": False}
 
 
 def plan_for(optimizer: object, named_params: Sequence[tuple[str, torch.nn.Parameter]]) -> Plan:
@@ -114,22 +127,19 @@ def plan_for(optimizer: object, named_params: Sequence[tuple[str, torch.nn.Param
     groups: list[Spec] = []
     group_of: dict[str, int] = {}
     for gi, g in enumerate(optimizer.param_groups):
-        for opt, bad in _UNSUPPORTED.items():
-            if g.get(opt) == bad:
-                raise TrainStepError(
-                    f"{type(optimizer).__name__}({opt}={bad}) is not supported by the compiled "
-                    f"step (param group {gi}); remove the option"
-                )
-        if isinstance(g.get("lr"), torch.Tensor):
-            raise TrainStepError(f"param group {gi}: a tensor lr is not supported; use a float")
+        _check_options(type(optimizer).__name__, gi, g)
         if kind is SGD:
             spec = SGD(lr=g["lr"], momentum=g["momentum"], dampening=g["dampening"],
                        nesterov=g["nesterov"], weight_decay=g["weight_decay"])
         else:
-            spec = kind(lr=g["lr"], betas=tuple(g["betas"]), eps=g["eps"],
-                        weight_decay=g["weight_decay"])
+            decoupled = bool(g.get("decoupled_weight_decay", kind is AdamW))
+            spec = (AdamW if decoupled else Adam)(
+                lr=g["lr"], betas=tuple(g["betas"]), eps=g["eps"],
+                weight_decay=g["weight_decay"])
         groups.append(spec)
         for p in g["params"]:
+            if not p.requires_grad:
+                continue  # frozen: torch.optim skips a parameter without a gradient
             if id(p) not in name_of:
                 raise TrainStepError(
                     f"the optimizer's param group {gi} holds a tensor of shape "
@@ -152,6 +162,24 @@ def plan_for(optimizer: object, named_params: Sequence[tuple[str, torch.nn.Param
                     "TrainStep.load_state_dict)"
                 )
     return Plan(tuple(groups), group_of)
+
+
+def _check_options(kind: str, gi: int, group: dict) -> None:
+    """Refuse any option of a param group the compiled step does not honour exactly."""
+    for key, value in group.items():
+        if key in _HONOURED[kind] or key in _FREE:
+            if key == "lr" and isinstance(value, torch.Tensor):
+                raise TrainStepError(f"param group {gi}: a tensor lr is not supported; use a "
+                                     "float (the step takes the lr as a graph input anyway)")
+            continue
+        if key in _DEFAULT_ONLY and value == _DEFAULT_ONLY[key]:
+            continue
+        why = ("selects torch's fused kernel, whose rounding differs from the formulas the "
+               "compiled step reproduces" if key == "fused" else
+               "is not implemented by the compiled step")
+        raise TrainStepError(
+            f"{kind}({key}={value!r}) {why} (param group {gi}); remove the option or train "
+            "with torch.optim directly")
 
 
 def init_state(spec: Spec, param: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,21 +18,24 @@ from .errors import TrainStepError
 class DynamicLossScale:
     """Dynamic loss scaling: on a step with non-finite gradients the update is skipped and the
     scale multiplied by ``backoff_factor``; after ``growth_interval`` clean steps in a row it is
-    multiplied by ``growth_factor`` (if the result is finite). Defaults are GradScaler's."""
+    multiplied by ``growth_factor`` (if the result is finite). Defaults are GradScaler's, plus a
+    floor: the scale never drops below ``min_scale`` (1.0, as DeepSpeed's ``min_loss_scale``), so
+    a run of non-finite batches cannot drive it to 0 and skip every later step. Scales are
+    checked as the float32 the step stores them in."""
 
     init_scale: float = 2.0**16
     growth_factor: float = 2.0
     backoff_factor: float = 0.5
     growth_interval: int = 2000
-    min_scale: float | None = None
+    min_scale: float | None = 1.0
     max_scale: float | None = None
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
             raise TrainStepError(f"DynamicLossScale: {msg}")
 
-        if not (self.init_scale > 0 and math.isfinite(self.init_scale)):
-            bad(f"init_scale must be positive and finite, got {self.init_scale}")
+        if not _positive_float32(self.init_scale):
+            bad(f"init_scale must be positive and finite as a float32, got {self.init_scale}")
         if not self.growth_factor > 1:
             bad(f"growth_factor must be > 1, got {self.growth_factor}")
         if not 0 < self.backoff_factor < 1:
@@ -40,8 +43,13 @@ class DynamicLossScale:
         if not (isinstance(self.growth_interval, int) and self.growth_interval >= 1):
             bad(f"growth_interval must be an int >= 1, got {self.growth_interval}")
         lo, hi = self.min_scale, self.max_scale
+        for name, v in (("min_scale", lo), ("max_scale", hi)):
+            if v is not None and not _positive_float32(v):
+                bad(f"{name} must be positive and finite as a float32 (or None), got {v}")
         if lo is not None and hi is not None and lo > hi:
             bad(f"min_scale {lo} > max_scale {hi}")
+        if lo is not None and not self.init_scale >= lo:
+            bad(f"init_scale {self.init_scale} is below min_scale {lo}")
 
 
 @dataclass(frozen=True)
@@ -49,11 +57,21 @@ class StaticLossScale:
     scale: float
 
     def __post_init__(self) -> None:
-        if not (self.scale > 0 and math.isfinite(self.scale)):
-            raise TrainStepError(f"loss_scale must be positive and finite, got {self.scale}")
+        if not _positive_float32(self.scale):
+            raise TrainStepError(
+                f"loss_scale must be positive and finite as a float32, got {self.scale}")
 
 
 LossScale = DynamicLossScale | StaticLossScale | None
+
+
+def _positive_float32(x: object) -> bool:
+    """Positive and finite once stored as the float32 the step keeps scales in (1e39 is inf
+    there, 1e-50 is 0)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    v = float(torch.tensor(float(x), dtype=torch.float32))
+    return v > 0 and math.isfinite(v)
 
 
 def resolve(loss_scale: object, low: torch.dtype) -> LossScale:

@@ -97,5 +97,5 @@ def build(model: torch.nn.Module, plan: optim.Plan, working: Sequence[str],
     add(key(StateKind.SCALE), torch.tensor(scaling.initial_scale(loss_scale), dtype=F32,
                                            device=dev))
     add(key(StateKind.GROWTH), torch.tensor(0, dtype=torch.int32, device=dev))
-    add(key(StateKind.STEP), torch.tensor(0.0, dtype=F32, device=dev))
+    add(key(StateKind.STEP), torch.tensor(0, dtype=torch.int64, device=dev))  # exact past 2^24
     return StateLayout(tuple(names)), values

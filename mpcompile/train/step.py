@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -147,7 +148,14 @@ class TrainStep:
         if self._lr_override is not None:
             return list(self._lr_override)
         if self._lr_source is not None:
-            return [float(g["lr"]) for g in self._lr_source.param_groups]
+            lrs = [float(g["lr"]) for g in self._lr_source.param_groups]
+            bad = [(i, x) for i, x in enumerate(lrs) if not (math.isfinite(x) and x >= 0)]
+            if bad:
+                raise TrainStepError(
+                    f"the optimizer's param group {bad[0][0]} has lr {bad[0][1]}: a learning "
+                    "rate must be finite and non-negative (check the LR scheduler); nothing was "
+                    "changed")
+            return lrs
         return [g.lr for g in self.plan.groups]
 
     def set_lr(self, lr: float | Sequence[float]) -> None:
@@ -155,8 +163,9 @@ class TrainStep:
         recompilation: the learning rate is a graph input."""
         n = len(self.plan.groups)
         lrs = [float(lr)] * n if isinstance(lr, (int, float)) else [float(x) for x in lr]
-        if len(lrs) != n or any(x < 0 for x in lrs):
-            raise TrainStepError(f"set_lr: give one non-negative lr or {n} (one per group)")
+        if len(lrs) != n or not all(math.isfinite(x) and x >= 0 for x in lrs):
+            raise TrainStepError(f"set_lr: give one finite, non-negative lr or {n} (one per "
+                                 f"group), got {lr!r}")
         self._lr_override = lrs
 
     def __call__(self, inputs: Any, targets: Any = None) -> StepResult:
