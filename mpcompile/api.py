@@ -20,7 +20,7 @@ from .explain import explain, to_dot
 from .passes import Context
 from .policy import Policy
 from .report import build_report
-from .signature import Signature
+from .signature import Signature, TensorSpec
 
 
 @dataclass
@@ -99,6 +99,22 @@ class Program:
             else:
                 user.append(v)
         return self.captured.out_spec.unflatten(user)
+
+
+def _check_input_dtypes(known: Program, sig: Signature, module: torch.nn.Module) -> None:
+    """A float input in another float dtype than captured, on an unchanged model, is a mistake
+    (a float64 batch to a float32 model fails deep inside the graph): say so before running."""
+    old = known.captured.signature
+    if old.structure != sig.structure or not known.state_matches(module):
+        return
+    for name, a, b in zip(sig.names, old.leaves, sig.leaves):
+        if (isinstance(a, TensorSpec) and isinstance(b, TensorSpec) and a.dtype != b.dtype
+                and a.dtype.is_floating_point):
+            raise SignatureError(
+                f"{name} is {dtype_name(b.dtype)}, but {type(module.original).__name__} was "
+                f"captured with {dtype_name(a.dtype)} there and its parameters have not "
+                f"changed: cast the input (e.g. .to({a.dtype})), or move the model to that "
+                "dtype first")
 
 
 def _lookup(module: torch.nn.Module, fqn: str, where: str) -> torch.Tensor:
@@ -222,6 +238,8 @@ class MixedPrecisionModule(torch.nn.Module):
         if program is not None and program.state_matches(self):
             programs.move_to_end(sig)
             return program
+        if programs and program is None:
+            _check_input_dtypes(programs[next(reversed(programs))], sig, self)
         if programs and program is None and not self._recapture:
             known = next(reversed(programs))
             raise SignatureError(

@@ -4,6 +4,7 @@ how the model's output structure is flattened into tensors and rebuilt."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -12,7 +13,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .dtypes import dtype_name
-from .errors import CaptureError
+from .errors import CaptureError, SignatureError
 
 # --- input signatures -----------------------------------------------------------------------
 
@@ -39,9 +40,18 @@ class Signature:
     @staticmethod
     def of(args: tuple, kwargs: dict, training: bool) -> Signature:
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        return Signature(spec, tuple(
+        sig = Signature(spec, tuple(
             TensorSpec(tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor)
             else ("value", repr(x)) for x in leaves), training)
+        for name, x in zip(sig.names, leaves):
+            if not isinstance(x, (torch.Tensor, *_VALUES)):
+                raise SignatureError(
+                    f"{name} is a {type(x).__qualname__}: mpcompile bakes non-tensor inputs into "
+                    "the graph, so only immutable values (numbers, strings, bools, None, enums, "
+                    "dtypes, tuples of them) may be passed; a mutable object could change "
+                    "between calls and silently reuse a stale graph. Pass tensors, or hold the "
+                    "object in the model.")
+        return sig
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -63,6 +73,11 @@ class Signature:
                 fmt = lambda x: str(x) if isinstance(x, TensorSpec) else x[1]  # noqa: E731
                 return f"{name} is {fmt(b)}, captured as {fmt(a)}"
         return "no difference"
+
+
+# non-tensor inputs that may be baked into a graph: immutable, so their repr is their identity
+_VALUES = (type(None), bool, int, float, complex, str, bytes, enum.Enum, torch.dtype,
+           torch.device, torch.layout, torch.memory_format)
 
 
 def _pretty_path(p: str) -> str:

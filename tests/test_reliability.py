@@ -171,3 +171,40 @@ def test_the_step_counter_counts_past_2_to_the_24():
     step(x, y)
     step(x, y)
     assert step.value("step").item() == 2**24 + 2  # a float32 counter stops at 2^24
+
+
+class _Config:  # a mutable object a user might pass to forward
+    scale = 2.0
+
+
+class _TakesValues(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x, scale=1.0, cfg=None):
+        return self.fc(x) * scale * (cfg.scale if cfg is not None else 1.0)
+
+
+def test_non_tensor_arguments_must_be_immutable_values():
+    mp = mpcompile.convert(_TakesValues())
+    x = torch.randn(2, 4)
+    with pytest.raises(mpcompile.SignatureError, match=r"args\[2\] is a _Config.*immutable"):
+        mp(x, 1.0, _Config())
+    a = mp(x, 3.0)
+    assert len(mp.programs) == 1
+    mp(x, 3.0)
+    assert len(mp.programs) == 1  # the same value reuses the graph
+    b = mp(x, 2.0)
+    assert len(mp.programs) == 2
+    torch.testing.assert_close(a * 2 / 3, b, rtol=4 * 2.0**-11, atol=1e-3)  # FP16 products
+
+
+def test_a_float_input_in_another_dtype_than_captured_is_named():
+    model = MLP.build()
+    x, _ = batch(MLP)
+    mp = mpcompile.convert(model, x)
+    with pytest.raises(mpcompile.SignatureError, match=r"args\[0\] is float64.*float32"):
+        mp(x[0].double())
+    model.double()  # moving the model too is a new capture, not an error
+    assert mp(x[0].double()).dtype is torch.float64

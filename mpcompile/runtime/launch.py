@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 
 import torch
 
@@ -36,6 +37,10 @@ class Loaded:
     """One kernel loaded in the current context of ``device``."""
 
     def __init__(self, spec: KernelSpec, compiled: Compiled, device: torch.device):
+        if hashlib.sha256(compiled.cubin).hexdigest() != compiled.sha256:
+            raise LaunchError(f"cubin of kernel {compiled.name} ({compiled.arch}) does not match "
+                              "its sha256: refusing to load it (delete the kernels folder of the "
+                              "cache, $MPCOMPILE_CACHE or ~/.cache/mpcompile, and retry)")
         from cuda.bindings import driver as cu
 
         torch.cuda.current_stream(device)  # make torch create/make current its context
