@@ -81,7 +81,7 @@ MODELS = {
     "whisper": lambda: _whisper(),
     "wav2vec2-ctc": lambda: _wav2vec2(),
     "vit": lambda: _image(T.ViTForImageClassification, T.ViTConfig(**VIT)),
-    "deit": lambda: _image(T.DeiTForImageClassificationWithTeacher, T.DeiTConfig(**VIT)),
+    "deit": lambda: _image(T.DeiTForImageClassification, T.DeiTConfig(**VIT)),
     "swin": lambda: _image(T.SwinForImageClassification, T.SwinConfig(
         image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
         window_size=4, num_labels=10, hidden_dropout_prob=0.0,
@@ -89,7 +89,8 @@ MODELS = {
     "resnet": lambda: _image(T.ResNetForImageClassification, T.ResNetConfig(
         embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)),
     "convnext": lambda: _image(T.ConvNextForImageClassification, T.ConvNextConfig(
-        hidden_sizes=[16, 32], depths=[1, 1], num_labels=10, drop_path_rate=0.0)),
+        num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10,
+        drop_path_rate=0.0)),
 }
 
 
@@ -124,8 +125,11 @@ def _short(e: BaseException) -> str:
 
 def run_one(name: str, dtype: torch.dtype) -> dict:
     out = {"model": name, "dtype": str(dtype).removeprefix("torch.")}
-    torch.manual_seed(0)
-    model, batch = MODELS[name]()
+    try:
+        torch.manual_seed(0)
+        model, batch = MODELS[name]()
+    except Exception as e:  # noqa: BLE001 - a config this transformers release rejects
+        return {**out, "convert": f"model not built: {_short(e)}", "train": "-", "export": "-"}
     try:
         mp = mpcompile.convert(model, batch, dtype=dtype)
         mp(**batch)

@@ -160,9 +160,13 @@ def _forward_backward(spec: StepSpec, st: dict, feed: list, leaves: dict, target
 def model_loss(outputs: Any) -> Any:
     """The loss a model returns: ``outputs.loss`` (Hugging Face ``ModelOutput``),
     ``outputs["loss"]``, the first element of a tuple, or the output itself."""
-    if isinstance(outputs, dict) and "loss" in outputs:
+    if isinstance(outputs, dict):  # Hugging Face ModelOutput is a dict without None fields
+        if outputs.get("loss") is None:
+            raise TrainStepError(
+                f"the model returned no loss (its output has {', '.join(map(str, outputs))}): "
+                "pass labels in the batch so it computes one, or give a loss_fn")
         found = outputs["loss"]
-    elif not isinstance(outputs, dict) and getattr(outputs, "loss", None) is not None:
+    elif getattr(outputs, "loss", None) is not None:
         found = outputs.loss
     elif isinstance(outputs, (tuple, list)) and outputs:
         found = outputs[0]
