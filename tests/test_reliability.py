@@ -6,6 +6,7 @@ import inspect
 import logging
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -208,3 +209,60 @@ def test_a_float_input_in_another_dtype_than_captured_is_named():
         mp(x[0].double())
     model.double()  # moving the model too is a new capture, not an error
     assert mp(x[0].double()).dtype is torch.float64
+
+
+def test_a_run_of_skipped_steps_warns_and_says_the_scale_is_at_its_floor():
+    model = MLP.build()
+    x, y = batch(MLP)
+    step = mpcompile.compile_train_step(model, MLP.loss, x, y,
+                                        optimizer=mpcompile.optim.SGD(lr=0.1))
+    step.warn_after_skips = 20
+    bad = (x[0] * float("nan"),)
+    for _ in range(5):
+        step(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(14):  # 14 skipped, then clean: no run of 20
+            r = step(bad, y)
+        for _ in range(6):
+            step(x, y)
+    with pytest.warns(RuntimeWarning, match=r"\d+ training steps in a row were skipped.*floor"):
+        for _ in range(40):
+            r = step(bad, y)
+    assert bool(r.at_min_scale) and r.loss_scale.item() == 1.0
+
+
+def test_fault_injection_no_corrupted_state():
+    """300 steps, 60 of them poisoned (inf or NaN in the batch), static scale: every poisoned
+    step is skipped and changes nothing, and the run ends bit-identical to one that never saw
+    the poisoned batches."""
+    x, y = batch(MLP)
+    g = torch.Generator().manual_seed(3)
+    poisoned = set(torch.randperm(300, generator=g)[:60].tolist())
+
+    def run(with_poison: bool):
+        model = MLP.build()
+        step = mpcompile.compile_train_step(model, MLP.loss, x, y, loss_scale=1024.0,
+                                            optimizer=torch.optim.SGD(model.parameters(),
+                                                                      lr=0.01, momentum=0.9))
+        for i in range(300):
+            xi, yi = batch(MLP, seed=i)
+            if i in poisoned:
+                if not with_poison:
+                    continue
+                bad = xi[0].clone()
+                bad[i % bad.shape[0], i % bad.shape[1]] = float("inf") if i % 2 else float("nan")
+                before = {k: v.clone() for k, v in step.state_dict().items()
+                          if isinstance(v, torch.Tensor)}
+                r = step((bad,), yi)
+                after = step.state_dict()
+                assert bool(r.skipped)
+                assert all(torch.equal(before[k], after[k]) for k in before)
+            else:
+                assert not bool(step(xi, yi).skipped)
+        return step.state_dict()
+
+    clean, dirty = run(False), run(True)
+    for k, v in clean.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, dirty[k]), k

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +22,7 @@ from ..explain import explain_node
 from ..policy import Policy
 from ..report import build_report
 from ..signature import Signature, TensorSpec
+from . import checkpoint
 from .layout import OUTPUTS, StateKind, StateLayout, key
 from .report import build_train_report
 
@@ -31,6 +35,15 @@ class StepResult:
     loss_scale: torch.Tensor  # the scale the next step will use
     skipped: torch.Tensor  # bool: gradients were not finite, nothing was updated
     grad_norm: torch.Tensor | None = None  # total norm of the unscaled gradients (clipping only)
+    min_scale: float | None = None  # the dynamic scale's floor, if it has one
+
+    @property
+    def at_min_scale(self) -> torch.Tensor:
+        """bool: the scale sits at its floor (a device tensor; no sync until read). With every
+        step skipped there, the batches themselves are not finite."""
+        if self.min_scale is None:
+            return torch.zeros((), dtype=torch.bool, device=self.loss_scale.device)
+        return self.loss_scale <= self.min_scale
 
 
 def batch_signature(args: tuple, kwargs: dict, targets: tuple) -> tuple:
@@ -89,6 +102,10 @@ class TrainStep:
         self._state: list[torch.Tensor] = list(state)
         self._lr_source = lr_source
         self._lr_override: list[float] | None = None
+        self.warn_after_skips = 100  # consecutive skipped steps before a warning (0: never)
+        self._skip_run: torch.Tensor | None = None
+        self._longest_run: torch.Tensor | None = None
+        self._steps_since_check = 0
 
     # -- what was compiled ---------------------------------------------------------------------
 
@@ -194,7 +211,37 @@ class TrainStep:
         n = len(self._state)
         self._state = list(outs[:n])
         rest = outs[n:]
-        return StepResult(rest[0], rest[1], rest[2], rest[3] if len(rest) > 3 else None)
+        ls = self.loss_scale_config
+        result = StepResult(rest[0], rest[1], rest[2], rest[3] if len(rest) > 3 else None,
+                            getattr(ls, "min_scale", None))
+        self._watch_skips(result)
+        return result
+
+    def _watch_skips(self, result: StepResult) -> None:
+        """Warn when ``warn_after_skips`` steps in a row were skipped. The run length is kept
+        on the device (two scalar ops a step) and read once every ``warn_after_skips`` steps."""
+        k = self.warn_after_skips
+        if not k:
+            return
+        if self._skip_run is None:
+            self._skip_run = torch.zeros((), dtype=torch.int64, device=result.skipped.device)
+            self._longest_run = torch.zeros_like(self._skip_run)
+        self._skip_run = torch.where(result.skipped, self._skip_run + 1, 0)
+        self._longest_run = torch.maximum(self._longest_run, self._skip_run)
+        self._steps_since_check += 1
+        if self._steps_since_check < k:
+            return
+        self._steps_since_check = 0
+        longest = int(self._longest_run)
+        self._longest_run = self._skip_run.clone()
+        if longest >= k:
+            warnings.warn(
+                f"{longest} training steps in a row were skipped (non-finite "
+                f"gradients); the loss scale is now {result.loss_scale.item():g}. If it sits at "
+                "its floor the batches or the model produce inf/NaN by themselves (check the "
+                "data, lower the learning rate, or keep the overflowing module in FP32 with "
+                "Policy(keep_fp32_modules=...)); otherwise the scale is still backing off.",
+                RuntimeWarning, stacklevel=3)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -210,7 +257,8 @@ class TrainStep:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load what :meth:`state_dict` returned; every entry is checked before anything
-        changes."""
+        changes: names, shapes and dtypes, finite masters, working copies and optimizer state,
+        a finite positive loss scale, non-negative counters."""
         names, aliases = self.layout.names, self.aliases()
         missing = [k for k in names if k not in state]
         extra = [k for k in state if k not in names and k not in aliases and k != "lr_override"]
@@ -223,6 +271,12 @@ class TrainStep:
                 raise TrainStepError(
                     f"load_state_dict: {alias} and {name} are one tied parameter but the "
                     "checkpoint holds different values for them")
+        lr = state.get("lr_override")
+        n = len(self.plan.groups)
+        if lr is not None and not (isinstance(lr, (list, tuple)) and len(lr) == n and all(
+                isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in lr)):
+            raise TrainStepError(f"load_state_dict: lr_override is {lr!r}: give None or {n} "
+                                 "finite, non-negative learning rates (one per group)")
         new = []
         for name, cur in zip(names, self._state):
             t = state[name]
@@ -233,10 +287,24 @@ class TrainStep:
                     f"load_state_dict: {name} is {got}, expected "
                     f"{dtype_name(cur.dtype)}{list(cur.shape)}"
                 )
+            why = checkpoint.entry_problem(self.layout, name, t)
+            if why:
+                raise TrainStepError(f"load_state_dict: {why}; nothing was changed")
             new.append(t.detach().clone().to(cur.device))
         self._state = new
-        lr = state.get("lr_override")
-        self._lr_override = None if lr is None else list(lr)
+        self._lr_override = None if lr is None else [float(x) for x in lr]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a checkpoint to ``path`` atomically (a crash never loses the previous one):
+        the state, the ``set_lr`` override and the learning rates in use, checksummed. Returns
+        the path. See :mod:`mpcompile.train.checkpoint`."""
+        return checkpoint.save(self, path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore what :meth:`save` wrote, learning rates included (into the torch optimizer
+        the step reads them from); a damaged file or another model's raises
+        :class:`~mpcompile.CheckpointError` and leaves the step unchanged."""
+        checkpoint.load(self, path)
 
     def value(self, name: str) -> torch.Tensor:
         """One state tensor by name (``layout.names``)."""
