@@ -1,15 +1,25 @@
-"""The ``mpcompile`` command."""
+"""The ``mpcompile`` command.
+
+A user error is one line on stderr, ``mpcompile: error: ...``, and a non-zero exit: 2 for unusable
+arguments (checked before anything runs; argparse's own usage errors are unchanged), 1 for an
+mpcompile error or an unwritable file during a run. ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from .api import convert
 from .dtypes import from_name, unit_roundoff
+from .errors import MPCompileError
 from .examples import EXAMPLES, batch, eager_step
 from .fxutil import is_cast
 from .policy import OpClass, table_rows
@@ -105,20 +115,87 @@ def policy_table(_: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mpcompile", description=__doc__)
+DESCRIPTION = "Compile PyTorch models to mixed precision (FP16/BF16): demo and policy table."
+EPILOG = ("An error is one line on stderr and exit status 2 (unusable arguments, checked before "
+          "anything runs) or 1 (an error during the run); --debug shows the traceback.")
+
+
+def _writable(path: str, flag: str) -> str | None:
+    """Why ``path`` cannot be written, or None. Probes by opening it (which ``os.access`` cannot
+    replace: root passes it, /proc refuses anyway); a file the probe created is removed."""
+    p = Path(path)
+    if not path:
+        return f"{flag} needs a file path"
+    if p.is_dir():
+        return f"{flag} {path} is a directory; give a file path such as {p / 'graph.dot'}"
+    if not p.parent.is_dir():
+        return (f"{flag} {path}: the folder {p.parent} does not exist; create it first or give "
+                "a path in an existing folder")
+    existed = os.path.lexists(p)
+    flags = os.O_WRONLY | (os.O_APPEND if existed else os.O_CREAT | os.O_EXCL)
+    flags |= getattr(os, "O_NONBLOCK", 0)  # a FIFO without a reader fails instead of blocking
+    try:
+        os.close(os.open(p, flags, 0o666))
+    except OSError as e:
+        return (f"{flag} {path}: cannot write there ({e.strerror or e}); give a path in a "
+                "writable folder")
+    if not existed:
+        os.unlink(p)
+    return None
+
+
+def check_demo_args(args: argparse.Namespace) -> str | None:
+    """Why the demo's arguments are unusable, or None: checked before the demo runs."""
+    if args.steps < 0:
+        return f"--steps must be 0 (no training) or a positive number of steps, got {args.steps}"
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        return f"--lr must be a positive finite number, got {args.lr}"
+    if args.dot is not None:
+        return _writable(args.dot, "--dot")
+    return None
+
+
+def _error(message: str, code: int, limit: int = 1000) -> int:
+    """Print ``message`` as one line (a multi-line message joined, a long one cut short)."""
+    text = " ".join(ln.strip() for ln in str(message).splitlines() if ln.strip())
+    if len(text) > limit:
+        text = text[:limit] + " ... (--debug shows all of it)"
+    print(f"mpcompile: error: {text or '(no message)'}", file=sys.stderr)
+    return code
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mpcompile", description=DESCRIPTION, epilog=EPILOG)
+    debug = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's --debug sets it, its absence does not reset the top-level one
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, show the full traceback")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="convert a built-in model, explain it, and train it")
+    d = sub.add_parser("demo", parents=[debug],
+                       help="convert a built-in model, explain it, and train it")
     d.add_argument("--model", choices=sorted(EXAMPLES), default="transformer")
     d.add_argument("--dtype", choices=["bf16", "bfloat16", "float16", "fp16"], default="float16")
     d.add_argument("--steps", type=int, default=30, help="training steps (0: none)")
-    d.add_argument("--lr", type=float, default=0.05)
+    d.add_argument("--lr", type=float, default=0.05, help="learning rate (positive)")
     d.add_argument("--dot", help="write the rewritten graph as Graphviz DOT (and SVG) here")
-    d.set_defaults(func=demo)
-    t = sub.add_parser("policy", help="print the op policy table")
-    t.set_defaults(func=policy_table)
-    args = p.parse_args(argv)
-    return args.func(args)
+    d.set_defaults(func=demo, check=check_demo_args)
+    t = sub.add_parser("policy", parents=[debug], help="print the op policy table")
+    t.set_defaults(func=policy_table, check=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    problem = args.check(args) if args.check else None
+    if problem:
+        return _error(problem, 2)
+    try:
+        return args.func(args)
+    except (MPCompileError, OSError, subprocess.CalledProcessError) as e:
+        if args.debug:
+            raise
+        return _error(str(e) or type(e).__name__, 1)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,16 @@ class TrainStepError(MPCompileError):
 
 
 class ExportError(MPCompileError):
-    """A graph cannot be written as standard ONNX (an op without a correct translation)."""
+    """A graph cannot be written as standard ONNX (an op without a correct translation), the
+    file cannot be written or read (the message names the path), or a batch does not fit an
+    exported step (names the input, expected and given dtype/shape)."""
 
 
 class KernelError(MPCompileError):
     """A generated kernel cannot be specified, compiled, disassembled or launched as asked."""
+
+
+class CheckpointError(MPCompileError):
+    """A training-step checkpoint cannot be written, or the file is not one this step can load
+    (missing, empty, truncated, corrupted, not an mpcompile checkpoint, another model's): the
+    message names the file and what is wrong; the step is left unchanged."""

@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -194,12 +196,88 @@ def export_onnx(obj: MixedPrecisionModule | TrainStep, path: str | Path | None =
     else:
         raise ExportError(f"export_onnx takes a MixedPrecisionModule or a TrainStep, got "
                           f"{type(obj).__name__}")
+    if path is not None:
+        path = _check_path(path)  # before the export: a bad path fails in a moment, not after it
     model = _export(parts, opset, ir_version)
     if path is None:
         return model
+    return _save(model, path)
+
+
+def _check_path(path: str | Path) -> Path:
+    """``path`` as a Path, or an ExportError saying why no file can be written there."""
     path = Path(path)
-    onnx.save(model, path)
+    if path.is_dir():
+        raise ExportError(f"export_onnx: cannot write {str(path)!r}: it is a directory; give a "
+                          f"file path such as {str(path / 'model.onnx')!r}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ExportError(f"export_onnx: cannot write {str(path)!r}: the folder {str(folder)!r} "
+                          "does not exist; create it first or give a path in an existing folder")
+    fd, probe = _temp_file(path)  # can a file be created there at all?
+    os.close(fd)
+    os.unlink(probe)
     return path
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path`` (same folder: ``os.replace`` stays one rename)."""
+    try:
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ExportError(f"export_onnx: cannot write {str(path)!r}: cannot create a file in "
+                          f"{str(path.parent)!r} ({e.strerror or e}); give a path in a writable "
+                          "folder") from e
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    """Write ``model`` to ``path`` as one file, atomically: a temporary file in the same folder,
+    flushed to disk, then renamed over ``path``; on any failure the temporary file is removed
+    and whatever was at ``path`` is untouched."""
+    if model.ByteSize() > onnx.checker.MAXIMUM_PROTOBUF:
+        raise ExportError(f"export_onnx: the model is too large for one ONNX file (protobuf's "
+                          f"2 GiB limit); {str(path)!r} was not written")
+    fd, tmp = _temp_file(path)
+    try:
+        os.close(fd)
+        # a file object (named, so onnx finds no extension to guess from): one file, no external
+        # data; an os.fdopen object would not do, onnx takes its int name for a path
+        with open(tmp, "wb") as f:
+            onnx.save(model, f, format="protobuf")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode(path))
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise ExportError(f"export_onnx: writing {str(path)!r} failed ({e.strerror or e}); "
+                              "nothing was changed there; check the disk space and permissions "
+                              "and export again") from e
+        raise
+    _sync_folder(path.parent)
+    return path
+
+
+def _new_file_mode(path: Path) -> int:
+    """The permissions ``path`` would get from a plain open(): its own if it exists, else
+    0o666 less the umask (mkstemp's files are 0o600)."""
+    with contextlib.suppress(OSError):
+        return os.stat(path).st_mode & 0o7777
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX; a no-op where folders cannot be opened)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def export_graph(gm: fx.GraphModule, example: list[torch.Tensor], *,
