@@ -19,7 +19,7 @@ from mpcompile import (
     UnknownNodeError,
 )
 from mpcompile.examples import CNN, EXAMPLES, MLP, batch
-from mpcompile.inspect import diff_stages
+from mpcompile.explain import diff_stages
 from mpcompile.fxutil import is_cast
 from mpcompile.records import record
 
@@ -180,7 +180,14 @@ def test_output_structure_and_dtypes_are_kept():
     assert got.step == 3 and got.hidden[0].b is None and set(got.hidden[1]) == {"sum"}
     assert got.logits.dtype == got.hidden[1]["sum"].dtype == torch.float32
     torch.testing.assert_close(got.logits, ref.logits, rtol=5e-3, atol=5e-3)
-    assert isinstance(mp(x)["logits"] if False else mp(x), Out)  # a new kwargs signature
+    # a new kwargs signature (no mask, default scale): a second program, the same output type
+    # and the model's values for that call, not the first program's
+    got2, ref2 = mp(x), m(x)
+    assert len(mp.programs) == 2
+    assert isinstance(got2, Out) and isinstance(got2.hidden[0], Pair) and got2.step == 3
+    torch.testing.assert_close(got2.logits, ref2.logits, rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(got2.hidden[1]["sum"], ref2.hidden[1]["sum"], rtol=5e-3,
+                               atol=5e-3)
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -349,6 +356,7 @@ def test_dot_and_stage_diff(tmp_path):
     assert (tmp_path / "g.dot").read_text() == dot
     if shutil.which("dot"):
         assert (tmp_path / "g.svg").exists()
-    assert list(mp.stages) == ["capture", "classify", "assign", "casts", "cleanup", "lower"]
+    assert list(mp.stages) == ["capture", "classify", "assign", "casts", "cleanup", "kernels",
+                               "run_views"]
     diff = diff_stages(mp.program, "assign", "casts")
     assert "+" in diff and "_to_copy" in diff

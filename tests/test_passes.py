@@ -37,7 +37,7 @@ def _noop(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
 def test_pipelines_are_declared_lists():
     assert [p.name for p in passes.FORWARD] == ["classify", "assign", "casts", "cleanup"]
     assert [p.name for p in passes.TRAINING] == ["working_copies", "reshape_views"]
-    assert [p.name for p in passes.EXECUTION] == ["kernels"]
+    assert [p.name for p in passes.EXECUTION] == ["kernels", "run_views"]
     assert [p.name for p in passes.EXPORT_STEP] == ["reshape_views", "decompose", "legalize"]
     assert PRECISIONS_APPLIED in passes.CASTS.ensures
     assert all(isinstance(p, Pass) and p.doc for p in (*passes.FORWARD, *passes.EXPORT_STEP))
@@ -118,13 +118,15 @@ def test_convert_and_train_step_record_every_stage():
     model = MLP.build()
     x, y = batch(MLP)
     mp = mpcompile.convert(model, x)
-    assert list(mp.stages) == ["capture", "classify", "assign", "casts", "cleanup", "kernels"]
+    assert list(mp.stages) == ["capture", "classify", "assign", "casts", "cleanup", "kernels",
+                               "run_views"]
     assert mp.graph_module is mp.stages["cleanup"]
-    assert mp.executable is mp.stages["kernels"]
+    assert mp.executable is mp.stages["run_views"]
     step = mpcompile.compile_train_step(model, MLP.loss, x, y,
                                         optimizer=mpcompile.optim.SGD(lr=0.1))
     assert list(step.stages) == ["capture", "classify", "assign", "casts", "cleanup",
-                                 "working_copies", "reshape_views", "train_step", "kernels"]
+                                 "working_copies", "reshape_views", "train_step", "kernels",
+                                 "run_views"]
     assert step.graph_module is step.stages["train_step"]
     assert len(step.input_names) == len(step.example_args())
     assert step.output_names[-3:] == ("loss", "loss_scale", "skipped")

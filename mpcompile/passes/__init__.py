@@ -7,7 +7,8 @@ node) and the pass's ``ensures``, and records the graph under the pass's name.
     FORWARD     what ``convert`` compiles: the mixed-precision graph (the artefact users read)
     TRAINING    applied to FORWARD's graph for a training step; ``train.trace`` then builds the
                 step graph on it
-    EXECUTION   applied to the graph that runs (forward or step): generated kernels
+    EXECUTION   applied to the graph that runs (forward or step): generated kernels; views as
+                reshapes (fake-tensor strides after a cast can differ from the real kernel's)
     EXPORT_FORWARD, EXPORT_FORWARD_FP32_WEIGHTS, EXPORT_STEP   before ``torch.onnx.export``
 """
 
@@ -41,6 +42,8 @@ WORKING_COPIES = Pass("working_copies", working_copies.run, "weight casts -> low
                       ensures=(PRECISIONS_APPLIED,))
 RESHAPE_VIEWS = Pass("reshape_views", views.run, "view -> reshape before re-tracing: a view of "
                      "the captured strides may not fit the re-traced ones")
+RUN_VIEWS = Pass("run_views", views.run, "view -> reshape in the graph that runs: a real kernel "
+                 "(a cast of a permuted tensor) may return other strides than fake propagation")
 KERNELS = Pass("kernels", kernels.run, "low-precision matmuls/convs -> generated tensor-core "
                "kernels (Policy.kernels), fused epilogues")
 LEGALIZE = Pass("legalize", legalize.run, "valid ONNX: mixed-dtype norms widened, splits to "
@@ -51,7 +54,7 @@ DECOMPOSE = Pass("decompose", decompose.run, "re-trace with the export decomposi
 
 FORWARD = (CLASSIFY, ASSIGN, CASTS, CLEANUP)
 TRAINING = (WORKING_COPIES, RESHAPE_VIEWS)
-EXECUTION = (KERNELS,)
+EXECUTION = (KERNELS, RUN_VIEWS)
 EXPORT_FORWARD = (WORKING_COPIES, LEGALIZE)
 EXPORT_FORWARD_FP32_WEIGHTS = (LEGALIZE,)
 EXPORT_STEP = (RESHAPE_VIEWS, DECOMPOSE, LEGALIZE)

@@ -1,11 +1,13 @@
-"""Views as reshapes, before a graph is re-traced (the training step, export).
+"""Views as reshapes, before a graph is re-traced (the training step, export) or run.
 
 ``torch.export`` records ``view`` where the captured strides allowed it. Re-tracing the graph
 (``make_fx`` of the step, with casts, working copies and autograd; or with the export
 decompositions, whose attention returns other strides than the fused kernel) can hand the same
 ``view`` a tensor whose strides it cannot view, which fails the trace ("Cannot view a tensor
-with shape [8, 16, 2, 16] and strides (512, 16, 256, 1) as (8, 16, 32)"). ``reshape`` is a view
-when the strides allow and a copy when not, with the same values: re-tracing decides again.
+with shape [8, 16, 2, 16] and strides (512, 16, 256, 1) as (8, 16, 32)"); so can running the
+graph, when a real kernel (a cast of a permuted tensor) returns other strides than fake-tensor
+propagation predicted. ``reshape`` is a view when the strides allow and a copy when not, with the
+same values: re-tracing (or running) decides again.
 """
 
 from __future__ import annotations
