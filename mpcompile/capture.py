@@ -253,7 +253,7 @@ def _eager_error(flat: torch.nn.Module, tensors: tuple) -> BaseException | None:
     None if it runs."""
     try:
         with torch.no_grad():
-            copy.deepcopy(flat)(*tensors)
+            copy.deepcopy(flat, {id(flat._spec): flat._spec})(*tensors)  # a TreeSpec is immutable
     except Exception as e:  # noqa: BLE001 - reported to the user as the cause
         return e
     return None

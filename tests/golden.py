@@ -10,8 +10,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from mpcompile.api import compile_program
 from mpcompile.fxutil import arg_slots, tensors_of
-from mpcompile.records import MP, NodeRecord, record
 from mpcompile.policy import Policy
+from mpcompile.records import MP, NodeRecord, record
 
 
 def _op(n: fx.Node) -> str:

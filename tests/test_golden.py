@@ -7,10 +7,9 @@ import torch.nn as nn
 from golden import canonical, classes, labels, stages, stamp, trace
 
 from mpcompile.checks import check
-
-from mpcompile.records import record
 from mpcompile.passes import Context, cleanup
 from mpcompile.policy import Policy
+from mpcompile.records import record
 
 aten = torch.ops.aten
 f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32

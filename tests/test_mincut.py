@@ -15,9 +15,9 @@ from mpcompile.api import compile_program
 from mpcompile.costmodel import F32, CastModel
 from mpcompile.examples import EXAMPLES, batch
 from mpcompile.fxutil import copy_module, is_cast
-from mpcompile.records import record
 from mpcompile.passes import Context, assign
 from mpcompile.policy import Policy
+from mpcompile.records import record
 
 B, D = 4, 8
 
@@ -110,8 +110,11 @@ def test_never_worse_than_local_on_random_graphs(seed):
     assert b["mincut"] <= b["local"]
 
 
-@pytest.mark.parametrize("name", sorted(EXAMPLES))
-@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=str)
+# default run: each model in one dtype, alternating (both dtypes covered); -m slow: all
+@pytest.mark.parametrize("name,low", [
+    (n, low) if (i + k) % 2 == 0 else pytest.param(n, low, marks=pytest.mark.slow)
+    for i, n in enumerate(sorted(EXAMPLES))
+    for k, low in enumerate((torch.float16, torch.bfloat16))], ids=str)
 def test_never_worse_than_local_on_examples(name, low):
     ex = EXAMPLES[name]
     b = _both(ex.build(), batch(ex)[0], low)

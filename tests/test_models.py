@@ -91,7 +91,12 @@ def train(model_or_mp, loss_fn, inputs, kwargs, targets, low, steps, lr):
             for _ in range(steps)]
 
 
-@pytest.mark.parametrize("name,low", CASES, ids=lambda v: str(v).replace("torch.", ""))
+# default run: each model trains in one dtype, alternating (both dtypes covered); -m slow: all
+TRAIN_CASES = [c if (i // 2 + LOWS.index(c[1])) % 2 == 0 else pytest.param(
+    *c, marks=pytest.mark.slow) for i, c in enumerate(CASES)]
+
+
+@pytest.mark.parametrize("name,low", TRAIN_CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_training_lowers_the_loss(name, low):
     ex = EXAMPLES[name]
     x, y = batch(ex)
@@ -101,8 +106,9 @@ def test_training_lowers_the_loss(name, low):
     assert sum(losses[-5:]) / 5 < 0.6 * losses[0], losses
 
 
-@pytest.mark.parametrize("low", LOWS, ids=str)
-def test_hugging_face_bert(low):
+@pytest.mark.parametrize("low", [LOWS[0], pytest.param(LOWS[1], marks=pytest.mark.slow)],
+                         ids=str)
+def test_hugging_face_bert(low):  # BF16 BERT: test_export's forward export (default run)
     model, kwargs, labels = bert()
     ref_model = copy.deepcopy(model).eval()
     mp = mpcompile.convert(model.eval(), example_kwargs=kwargs, dtype=low)
