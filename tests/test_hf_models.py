@@ -77,13 +77,17 @@ def _step(build, low, lr=3e-3):
     return step, b
 
 
-TRAIN = [pytest.param(gpt2, id="gpt2"), pytest.param(bert_mlm, id="bert-mlm"),
-         pytest.param(bart, id="bart", marks=pytest.mark.slow),
-         pytest.param(swin, id="swin", marks=pytest.mark.slow)]
+SLOW = pytest.mark.slow
+TRAIN = [pytest.param(gpt2, F16, id="gpt2-fp16"), pytest.param(bert_mlm, BF16, id="bert-bf16"),
+         pytest.param(gpt2, BF16, id="gpt2-bf16", marks=SLOW),
+         pytest.param(bert_mlm, F16, id="bert-fp16", marks=SLOW),
+         pytest.param(bart, F16, id="bart-fp16", marks=SLOW),
+         pytest.param(bart, BF16, id="bart-bf16", marks=SLOW),
+         pytest.param(swin, F16, id="swin-fp16", marks=SLOW),
+         pytest.param(swin, BF16, id="swin-bf16", marks=SLOW)]
 
 
-@pytest.mark.parametrize("build", TRAIN)
-@pytest.mark.parametrize("low", [F16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("build,low", TRAIN)
 def test_trains_the_hugging_face_way(build, low):
     step, b = _step(build, low)
     losses = [step(b) for _ in range(10)]
@@ -110,8 +114,9 @@ def test_tied_causal_lm_keeps_one_master():
     assert m.lm_head.weight is m.transformer.wte.weight
 
 
-EXPORT = [pytest.param(bert_mlm, F16, id="bert-fp16"), pytest.param(vit, BF16, id="vit-bf16"),
-          pytest.param(gpt2, F16, id="gpt2-fp16", marks=pytest.mark.slow)]
+EXPORT = [pytest.param(bert_mlm, F16, id="bert-fp16"),
+          pytest.param(vit, BF16, id="vit-bf16", marks=SLOW),
+          pytest.param(gpt2, F16, id="gpt2-fp16", marks=SLOW)]
 
 
 @pytest.mark.parametrize("build,low", EXPORT)

@@ -86,7 +86,10 @@ CONST = Example("const", _seeded(WithConstants), lambda g: (torch.randn(5, 8, ge
 TOKENS = Example("tokens", _seeded(TokenModel), lambda g: (torch.randn(8, 5, 12, generator=g),),
                  lambda g: torch.randint(0, 7, (8,), generator=g), _xent)
 WILD = [TIED, CONST, TOKENS]
-CASES = [(ex, low, o) for ex in WILD for low in (F16, BF16) for o in ("sgd", "adam")]
+# every model, dtype and optimizer runs by default; the other half of the grid under -m slow
+CASES = [pytest.param(ex, low, o, marks=() if (i + j + k) % 2 == 0 else pytest.mark.slow)
+         for i, ex in enumerate(WILD) for j, low in enumerate((F16, BF16))
+         for k, o in enumerate(("sgd", "adam"))]
 
 
 def _id(v):
