@@ -171,7 +171,7 @@ def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
                            device=ph.meta["val"].device) for ph in old_inputs]
     with fx_traceback.preserve_node_meta(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = make_fx(lambda *a: fx.Interpreter(gm).run(*a),
+        traced = make_fx(lambda *a: _as_tuple(fx.Interpreter(gm).run(*a)),
                          decomposition_table=export_decompositions(),
                          tracing_mode="fake")(*example)
     for old, new in zip(old_inputs, traced.graph.find_nodes(op="placeholder")):
@@ -193,6 +193,11 @@ def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
             n.meta[MP] = rec
     traced.recompile()
     return traced
+
+
+def _as_tuple(out):
+    """A graph's outputs as a tuple (a graph of one's own may return a single tensor)."""
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
 def describe(node: fx.Node) -> str:
