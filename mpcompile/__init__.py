@@ -9,6 +9,7 @@ from .api import MixedPrecisionModule, Program, convert
 from .errors import (
     BannedOpError,
     CaptureError,
+    CheckpointError,
     ExportError,
     KernelError,
     MPCompileError,
@@ -43,6 +44,7 @@ __all__ = [
     "DEFAULT_TABLE",
     "BannedOpError",
     "CaptureError",
+    "CheckpointError",
     "DynamicLossScale",
     "Entry",
     "ExportError",

@@ -158,8 +158,7 @@ def plan_for(optimizer: object, named_params: Sequence[tuple[str, torch.nn.Param
             if optimizer.state.get(p):
                 raise TrainStepError(
                     f"{type(optimizer).__name__} already has state for {name_of[id(p)]}: "
-                    "compile the step from a fresh optimizer (load a checkpoint with "
-                    "TrainStep.load_state_dict)"
+                    "compile the step from a fresh optimizer (resume with TrainStep.load)"
                 )
     return Plan(tuple(groups), group_of)
 

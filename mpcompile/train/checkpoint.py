@@ -1,0 +1,377 @@
+"""Checkpoints of a :class:`TrainStep`: one file, written atomically, verified on load.
+
+``TrainStep.save(path)`` writes, ``TrainStep.load(path)`` restores everything a bit-exact resume
+needs: every state tensor (masters, working copies, optimizer state, buffers, loss scale, growth
+tracker, step count), the ``set_lr`` override and the learning rates the step uses now (so a
+torch optimizer's scheduled learning rate comes back too).
+
+The file is one ASCII header line, then the payload::
+
+    MPCOMPILE-CHECKPOINT 1 sha256=<64 hex digits> bytes=<payload length>\\n
+    <payload: torch.save of a dict of tensors, dicts, lists, str, int, float, bool and None>
+
+Writing: the bytes go to a ``mkstemp`` file in the destination's folder, flushed and fsync-ed,
+``os.replace``-d over the destination, then the folder is fsync-ed. A save killed at any point
+leaves the previous file at ``path`` intact (at worst a ``.<name>.*.tmp`` file beside it, which
+never loads: it is either incomplete, and fails its length or checksum, or a complete
+checkpoint).
+
+Loading checks, before the step changes: the header, the payload's length and sha256, that the
+payload loads with ``torch.load(weights_only=True)`` (no code runs), its structure, the
+fingerprint of the step it was written by (state names, dtypes and shapes, the low precision,
+the optimizer's param groups) against this step's, and every entry as ``load_state_dict`` checks
+it (finite masters, working copies and optimizer state, a finite positive loss scale). Anything
+wrong raises :class:`CheckpointError` naming the file and the fault, and the step is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..dtypes import dtype_name
+from ..errors import CheckpointError, TrainStepError
+from .layout import StateKind, StateLayout
+
+if TYPE_CHECKING:
+    from .step import TrainStep
+
+MAGIC = b"MPCOMPILE-CHECKPOINT"
+VERSION = 1
+FORMAT = "mpcompile.TrainStep"
+_HEADER = re.compile(rb"MPCOMPILE-CHECKPOINT (\d{1,6}) sha256=([0-9a-f]{64}) bytes=(\d{1,20})")
+_MAX_HEADER = 256  # bytes the header line may take, newline included
+_KEYS = {"format", "version", "layout", "specs", "dtype", "groups", "fingerprint", "state",
+         "lr_override", "learning_rates", "optimizer_lrs"}
+
+
+# -- what identifies a step --------------------------------------------------------------------
+
+
+def identity(step: TrainStep) -> dict[str, Any]:
+    """What a checkpoint must match to be loaded into ``step``: every state entry as
+    [name, dtype, shape], the low precision, and the parameters of each optimizer group."""
+    groups: list[list[str]] = [[] for _ in step.plan.groups]
+    for fqn, gi in step.plan.group_of.items():
+        groups[gi].append(fqn)
+    return {
+        "specs": [[n, dtype_name(t.dtype), list(t.shape)]
+                  for n, t in zip(step.layout.names, step.state)],
+        "dtype": dtype_name(step.dtype),
+        "groups": groups,
+    }
+
+
+def fingerprint(ident: dict[str, Any]) -> str:
+    """sha256 of an :func:`identity` (canonical JSON)."""
+    text = json.dumps([ident["specs"], ident["dtype"], ident["groups"]], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# -- the checks load_state_dict shares ---------------------------------------------------------
+
+
+def entry_problem(layout: StateLayout, name: str, t: torch.Tensor) -> str | None:
+    """Why state entry ``name`` with value ``t`` (shape and dtype already right) cannot be
+    loaded, or None: masters, working copies and optimizer state must be finite, the loss scale
+    finite and positive, the counters non-negative."""
+    kind = layout.kind(name)
+    if kind in (StateKind.MASTER, StateKind.WORKING, StateKind.OPT):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return (f"{name} holds {bad} non-finite value{'s' * (bad > 1)} (NaN or "
+                        f"infinity) of {t.numel()}")
+    elif kind is StateKind.SCALE:
+        v = float(t)
+        if not (math.isfinite(v) and v > 0):
+            return f"the loss scale ({name}) is {v}: it must be finite and positive"
+    elif kind in (StateKind.GROWTH, StateKind.STEP):
+        v = int(t)
+        if v < 0:
+            return f"{name} is {v}: it must be non-negative"
+    return None
+
+
+# -- saving ------------------------------------------------------------------------------------
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a copy where it is a view of a larger storage (torch.save writes whole
+    storages)."""
+    t = t.detach()
+    if t.is_contiguous() and t.storage_offset() == 0 and \
+            t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone()
+
+
+def payload(step: TrainStep) -> dict[str, Any]:
+    """The checkpoint's contents (tensors and plain values only)."""
+    ident = identity(step)
+    src = step._lr_source
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "layout": list(step.layout.names),
+        **ident,
+        "fingerprint": fingerprint(ident),
+        "state": {n: _compact(t) for n, t in zip(step.layout.names, step.state)},
+        "lr_override": None if step._lr_override is None else list(step._lr_override),
+        "learning_rates": step.learning_rates(),
+        "optimizer_lrs": None if src is None else [float(g["lr"]) for g in src.param_groups],
+    }
+
+
+def save(step: TrainStep, path: str | os.PathLike) -> Path:
+    """Write ``step``'s checkpoint to ``path`` atomically; returns the path. Refuses (and writes
+    nothing) when the state could not be loaded back, so a bad state never replaces a good
+    checkpoint."""
+    path = Path(path)
+    for name, t in zip(step.layout.names, step.state):
+        why = entry_problem(step.layout, name, t)
+        if why:
+            raise CheckpointError(f"checkpoint {str(path)!r} not written: {why}; a checkpoint "
+                                  "of this state could not be loaded. The file at that path, "
+                                  "if any, is unchanged")
+    buf = io.BytesIO()
+    torch.save(payload(step), buf)
+    body = buf.getbuffer()
+    header = (f"{MAGIC.decode()} {VERSION} sha256={hashlib.sha256(body).hexdigest()} "
+              f"bytes={len(body)}\n").encode()
+    _write_atomic(path, (header, body))
+    return path
+
+
+def _write_atomic(path: Path, chunks: tuple) -> None:
+    """``chunks`` to ``path``: a temporary file in the same folder, flushed to disk, renamed
+    over ``path``, the folder synced. On any failure the temporary file is removed and whatever
+    was at ``path`` is untouched."""
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} not written: it is a directory; give "
+                              f"a file path such as {str(path / 'ckpt.mpc')!r}")
+    folder = path.parent
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} not written: cannot create a file in "
+                              f"{str(folder)!r} ({e.strerror or e})") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode(path))
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"checkpoint {str(path)!r} not written ({e.strerror or e}); "
+                                  "the file at that path, if any, is unchanged") from e
+        raise
+    _sync_folder(folder)
+
+
+def _new_file_mode(path: Path) -> int:
+    """The permissions ``path`` would get from a plain open(): its own if it exists, else
+    0o666 less the umask (mkstemp's files are 0o600)."""
+    with contextlib.suppress(OSError):
+        return os.stat(path).st_mode & 0o7777
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX; a no-op where folders cannot be opened)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def read(path: str | os.PathLike) -> dict[str, Any]:
+    """The verified payload of the checkpoint at ``path`` (header, length, sha256,
+    ``weights_only`` load, structure); CheckpointError naming the file otherwise."""
+    path = Path(path)
+
+    def fail(why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {str(path)!r} {why}")
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise fail("does not exist") from e
+    except OSError as e:
+        raise fail(f"cannot be read ({e.strerror or e})") from e
+    if not data:
+        raise fail("is empty (0 bytes): not a checkpoint (a write that was cut off, or "
+                   "another program, left it)")
+    if not data.startswith(MAGIC):
+        hint = (" (it is a zip archive, the format of torch.save: load it with torch.load and "
+                "TrainStep.load_state_dict)" if data.startswith(b"PK") else "")
+        raise fail(f"is not an mpcompile checkpoint: it does not start with "
+                   f"{MAGIC.decode()}{hint}")
+    end = data.find(b"\n", 0, _MAX_HEADER)
+    if end < 0:
+        raise fail(f"is damaged or truncated: its header line does not end within "
+                   f"{_MAX_HEADER} bytes")
+    m = _HEADER.fullmatch(data[:end])
+    if m is None:
+        raise fail(f"is damaged: its header line {data[:end]!r} is not "
+                   "'MPCOMPILE-CHECKPOINT <version> sha256=<hex> bytes=<n>'")
+    version, digest, size = int(m[1]), m[2].decode(), int(m[3])
+    if version != VERSION:
+        raise fail(f"is format version {version}; this mpcompile reads version {VERSION} "
+                   "(written by another mpcompile release?)")
+    body = memoryview(data)[end + 1:]
+    if len(body) < size:
+        raise fail(f"is truncated: {len(body)} of its {size} payload bytes are there")
+    if len(body) > size:
+        raise fail(f"is damaged: {len(body) - size} bytes follow its {size}-byte payload")
+    got = hashlib.sha256(body).hexdigest()
+    if got != digest:
+        raise fail(f"is corrupted: its payload's sha256 is {got[:16]}..., its header says "
+                   f"{digest[:16]}... (bytes changed on disk or in transfer); use another copy")
+    try:
+        obj = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure of the unpickler is the file's fault
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise fail(f"does not load with torch.load(weights_only=True): {type(e).__name__}: "
+                   f"{first}") from e
+    try:
+        why = _malformed(obj)
+    except Exception as e:  # noqa: BLE001 - a payload of unexpected types
+        why = f"its payload is malformed ({type(e).__name__}: {e})"
+    if why:
+        raise fail(f"is not a valid mpcompile checkpoint: {why}")
+    return obj
+
+
+def _lrs_ok(x: Any, n: int) -> bool:
+    return (isinstance(x, list) and len(x) == n and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        for v in x))
+
+
+def _malformed(obj: Any) -> str | None:
+    """What is wrong with a payload's structure, or None."""
+    if not isinstance(obj, dict):
+        return f"its payload is a {type(obj).__name__}, not a dict"
+    if set(obj) != _KEYS:
+        return (f"its payload has keys {sorted(map(str, obj))}, expected {sorted(_KEYS)}")
+    if obj["format"] != FORMAT or obj["version"] != VERSION:
+        return f"its payload says format {obj['format']!r} version {obj['version']!r}"
+    layout, specs, state = obj["layout"], obj["specs"], obj["state"]
+    if not (isinstance(layout, list) and all(isinstance(n, str) for n in layout)
+            and len(set(layout)) == len(layout)):
+        return "its layout is not a list of distinct names"
+    if not (isinstance(specs, list) and len(specs) == len(layout) and all(
+            isinstance(s, list) and len(s) == 3 and s[0] == n for s, n in zip(specs, layout))):
+        return "its specs do not follow its layout"
+    if not (isinstance(state, dict) and list(state) == layout
+            and all(isinstance(t, torch.Tensor) for t in state.values())):
+        return "its state is not one tensor per layout entry, in layout order"
+    for (name, dt, shape), t in zip(specs, state.values()):
+        if dtype_name(t.dtype) != dt or list(t.shape) != shape:
+            return (f"its state entry {name} is {dtype_name(t.dtype)}{list(t.shape)}, its "
+                    f"specs say {dt}{shape}")
+    groups = obj["groups"]
+    if not (isinstance(groups, list) and all(isinstance(g, list) for g in groups)):
+        return "its optimizer groups are not lists of parameter names"
+    if not isinstance(obj["dtype"], str) or not isinstance(obj["fingerprint"], str):
+        return "its dtype or fingerprint is not a string"
+    if fingerprint(obj) != obj["fingerprint"]:
+        return "its fingerprint does not match its own specs"
+    n = len(groups)
+    if not _lrs_ok(obj["learning_rates"], n):
+        return f"its learning rates {obj['learning_rates']!r} are not {n} finite, non-negative"
+    for k in ("lr_override", "optimizer_lrs"):
+        if obj[k] is not None and not _lrs_ok(obj[k], n):
+            return f"its {k} {obj[k]!r} is not None or {n} finite, non-negative learning rates"
+    return None
+
+
+def _difference(theirs: dict[str, Any], ours: dict[str, Any], most: int = 3) -> str:
+    """How a checkpoint's identity differs from this step's, in words."""
+    a = {s[0]: s for s in theirs["specs"]}
+    b = {s[0]: s for s in ours["specs"]}
+    parts = []
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:most]) + (f" and {len(names) - most} more"
+                                          if len(names) > most else "")
+
+    only_a = [n for n in a if n not in b]
+    only_b = [n for n in b if n not in a]
+    if only_a:
+        parts.append(f"it has {some(only_a)}, which this step does not")
+    if only_b:
+        parts.append(f"this step has {some(only_b)}, which it does not")
+    diff = [f"{n} is {a[n][1]}{a[n][2]} there, {b[n][1]}{b[n][2]} here"
+            for n in a if n in b and a[n] != b[n]]
+    if diff:
+        parts.append("; ".join(diff[:most]) + (f" and {len(diff) - most} more differ"
+                                               if len(diff) > most else ""))
+    if not parts and list(a) != list(b):
+        parts.append("its state entries are in another order")
+    if theirs["dtype"] != ours["dtype"]:
+        parts.append(f"it was compiled for {theirs['dtype']}, this step for {ours['dtype']}")
+    if theirs["groups"] != ours["groups"] and not parts:
+        parts.append(f"its optimizer param groups are {theirs['groups']}, this step's are "
+                     f"{ours['groups']}")
+    return "; ".join(parts) or "their fingerprints differ"
+
+
+def load(step: TrainStep, path: str | os.PathLike) -> None:
+    """Restore ``step`` from the checkpoint at ``path``: its state, the ``set_lr`` override and
+    the learning rates (written back into the torch optimizer the step reads them from, so an LR
+    scheduler continues from them; else set as the override). Everything is checked first; on
+    any fault a CheckpointError names the file and the step is unchanged."""
+    obj = read(path)
+    ours = identity(step)
+    if obj["fingerprint"] != fingerprint(ours):
+        raise CheckpointError(
+            f"checkpoint {str(Path(path))!r} is of another model or step configuration: "
+            f"{_difference(obj, ours)}. Load it into a step compiled like the one that saved "
+            "it; this step is unchanged")
+    lrs, override, opt_lrs = obj["learning_rates"], obj["lr_override"], obj["optimizer_lrs"]
+    src = step._lr_source
+    if src is not None:
+        if len(src.param_groups) != len(lrs):  # cannot happen for a step compiled from it
+            raise CheckpointError(f"checkpoint {str(Path(path))!r} has {len(lrs)} learning "
+                                  f"rates, the step's optimizer {len(src.param_groups)} param "
+                                  "groups; this step is unchanged")
+        # the optimizer's own lrs; from a step without one, the lrs it used unless overridden
+        write = opt_lrs if opt_lrs is not None else (lrs if override is None else None)
+    else:
+        write = None
+        if override is None and lrs != [g.lr for g in step.plan.groups]:
+            override = list(lrs)  # the lr it ran with came from elsewhere (a torch optimizer)
+    state: dict[str, Any] = dict(obj["state"])
+    state["lr_override"] = override
+    try:
+        step.load_state_dict(state)  # checks every entry, then assigns
+    except TrainStepError as e:
+        raise CheckpointError(f"checkpoint {str(Path(path))!r} holds a state this step "
+                              f"refuses: {e}") from e
+    if write is not None:
+        for g, lr in zip(src.param_groups, write):
+            g["lr"] = float(lr)
