@@ -45,7 +45,8 @@ def fresh(ex, make_opt=SGD, model=None):
 
 def snapshot(step, opt=None):
     """Everything load must restore or, when it refuses, leave alone."""
-    return {"state": [t.clone() for t in step.state], "override": step._lr_override,
+    return {"state": [t.clone() for t in step.state],
+            "override": step.state_dict()["lr_override"],
             "lrs": step.learning_rates(),
             "opt_lrs": None if opt is None else [g["lr"] for g in opt.param_groups]}
 
@@ -316,13 +317,13 @@ def test_save_refuses_a_state_it_could_not_load_and_keeps_the_previous_file(tmp_
     path = tmp_path / "ck.mpc"
     step.save(path)
     before = path.read_bytes()
-    i = step.layout.index("master.fc1.weight")
-    good = step._state[i]
-    step._state[i] = good.clone().index_fill_(1, torch.tensor([3]), float("nan"))
+    master = step.value("master.fc1.weight")  # the state tensor itself: a careless user's edit
+    good = master.clone()
+    master.index_fill_(1, torch.tensor([3]), float("nan"))
     with pytest.raises(CheckpointError, match=r"master.fc1.weight holds 64 non-finite"):
         step.save(path)
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ck.mpc"]
-    step._state[i] = good
+    master.copy_(good)
     with pytest.raises(CheckpointError, match="it is a directory"):
         step.save(tmp_path)
     with pytest.raises(CheckpointError, match="cannot create a file in"):
@@ -363,8 +364,8 @@ def target(_target):
     refused loads must leave as it is. Compiled once; put back as it was after each test."""
     step, opt, initial = _target
     yield step, opt
-    step._state = [t.clone() for t in initial["state"]]
-    step._lr_override = initial["override"]
+    state = dict(zip(step.layout.names, (t.clone() for t in initial["state"])))
+    step.load_state_dict({**state, "lr_override": initial["override"]})
     opt.param_groups[0]["lr"] = initial["opt_lrs"][0]
 
 
