@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
+from test_wild import TIED  # an embedding and an output projection sharing one weight
 
 import mpcompile
 from mpcompile import CheckpointError, TrainStepError
-from mpcompile.examples import EXAMPLES, MLP, Example, batch
+from mpcompile.examples import EXAMPLES, MLP, batch
 from mpcompile.train import checkpoint
 
 SGD = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)  # noqa: E731
@@ -140,29 +140,6 @@ def test_scheduled_lr_restored_as_override_into_a_step_without_torch_optimizer(t
     assert_states_equal(a, b)
 
 
-class TiedLM(nn.Module):
-    def __init__(self, vocab=40, d=16):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.fc = nn.Linear(d, d)
-        self.head = nn.Linear(d, vocab, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, ids):
-        return self.head(torch.relu(self.fc(self.emb(ids))))
-
-
-def _tied_build():
-    torch.manual_seed(0)
-    return TiedLM()
-
-
-TIED = Example("tied", _tied_build, lambda g: (torch.randint(0, 40, (4, 6), generator=g),),
-               lambda g: torch.randint(0, 40, (4, 6), generator=g),
-               lambda out, y: nn.functional.cross_entropy(out.reshape(-1, 40).float(),
-                                                          y.reshape(-1)))
-
-
 def test_tied_parameters_keep_one_master_through_save_and_load(tmp_path):
     a, _ = fresh(TIED)
     for i in range(3):
@@ -189,6 +166,7 @@ _KILLER = textwrap.dedent("""
     import mpcompile
     from mpcompile.examples import EXAMPLES, MLP, batch
     from mpcompile.train import checkpoint
+from test_wild import TIED  # an embedding and an output projection sharing one weight
 
     path, kills, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     folder, rng, ex = os.path.dirname(path), random.Random(seed), EXAMPLES["mlp"]

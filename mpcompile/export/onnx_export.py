@@ -39,6 +39,7 @@ from onnx import numpy_helper
 
 from ..api import MixedPrecisionModule
 from ..errors import ExportError
+from ..fileio import new_file_mode, sync_folder
 from ..train import TrainStep
 from .parts import Parts, forward_parts, graph_parts, step_parts
 
@@ -246,7 +247,7 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
             onnx.save(model, f, format="protobuf")
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode(path))
+        os.chmod(tmp, new_file_mode(path))
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -256,28 +257,8 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
                               "nothing was changed there; check the disk space and permissions "
                               "and export again") from e
         raise
-    _sync_folder(path.parent)
+    sync_folder(path.parent)
     return path
-
-
-def _new_file_mode(path: Path) -> int:
-    """The permissions ``path`` would get from a plain open(): its own if it exists, else
-    0o666 less the umask (mkstemp's files are 0o600)."""
-    with contextlib.suppress(OSError):
-        return os.stat(path).st_mode & 0o7777
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX; a no-op where folders cannot be opened)."""
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def export_graph(gm: fx.GraphModule, example: list[torch.Tensor], *,

@@ -41,6 +41,7 @@ import torch
 
 from ..dtypes import dtype_name
 from ..errors import CheckpointError, TrainStepError
+from ..fileio import new_file_mode, sync_folder
 from .layout import StateKind, StateLayout
 
 if TYPE_CHECKING:
@@ -172,7 +173,7 @@ def _write_atomic(path: Path, chunks: tuple) -> None:
                 f.write(c)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode(path))
+        os.chmod(tmp, new_file_mode(path))
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -181,27 +182,7 @@ def _write_atomic(path: Path, chunks: tuple) -> None:
             raise CheckpointError(f"checkpoint {str(path)!r} not written ({e.strerror or e}); "
                                   "the file at that path, if any, is unchanged") from e
         raise
-    _sync_folder(folder)
-
-
-def _new_file_mode(path: Path) -> int:
-    """The permissions ``path`` would get from a plain open(): its own if it exists, else
-    0o666 less the umask (mkstemp's files are 0o600)."""
-    with contextlib.suppress(OSError):
-        return os.stat(path).st_mode & 0o7777
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX; a no-op where folders cannot be opened)."""
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    sync_folder(folder)
 
 
 # -- loading -----------------------------------------------------------------------------------
