@@ -166,7 +166,6 @@ _KILLER = textwrap.dedent("""
     import mpcompile
     from mpcompile.examples import EXAMPLES, MLP, batch
     from mpcompile.train import checkpoint
-from test_wild import TIED  # an embedding and an output projection sharing one weight
 
     path, kills, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     folder, rng, ex = os.path.dirname(path), random.Random(seed), EXAMPLES["mlp"]
