@@ -39,7 +39,7 @@ from onnx import numpy_helper
 
 from ..api import MixedPrecisionModule
 from ..errors import ExportError
-from ..fileio import new_file_mode, sync_folder
+from ..fileio import replacing
 from ..train import TrainStep
 from .parts import Parts, forward_parts, graph_parts, step_parts
 
@@ -240,24 +240,18 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
                           f"2 GiB limit); {str(path)!r} was not written")
     fd, tmp = _temp_file(path)
     try:
-        os.close(fd)
-        # a file object (named, so onnx finds no extension to guess from): one file, no external
-        # data; an os.fdopen object would not do, onnx takes its int name for a path
-        with open(tmp, "wb") as f:
-            onnx.save(model, f, format="protobuf")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, new_file_mode(path))
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise ExportError(f"export_onnx: writing {str(path)!r} failed ({e.strerror or e}); "
-                              "nothing was changed there; check the disk space and permissions "
-                              "and export again") from e
-        raise
-    sync_folder(path.parent)
+        with replacing(path, tmp):
+            os.close(fd)
+            # a file object (named, so onnx finds no extension to guess from): one file, no
+            # external data; an os.fdopen object would not do, onnx takes its int name for a path
+            with open(tmp, "wb") as f:
+                onnx.save(model, f, format="protobuf")
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        raise ExportError(f"export_onnx: writing {str(path)!r} failed ({e.strerror or e}); "
+                          "nothing was changed there; check the disk space and permissions "
+                          "and export again") from e
     return path
 
 

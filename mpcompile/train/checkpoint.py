@@ -26,7 +26,6 @@ wrong raises :class:`CheckpointError` naming the file and the fault, and the ste
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -41,7 +40,7 @@ import torch
 
 from ..dtypes import dtype_name
 from ..errors import CheckpointError, TrainStepError
-from ..fileio import new_file_mode, sync_folder
+from ..fileio import replacing
 from .layout import StateKind, StateLayout
 
 if TYPE_CHECKING:
@@ -168,21 +167,14 @@ def _write_atomic(path: Path, chunks: tuple) -> None:
         raise CheckpointError(f"checkpoint {str(path)!r} not written: cannot create a file in "
                               f"{str(folder)!r} ({e.strerror or e})") from e
     try:
-        with os.fdopen(fd, "wb") as f:
+        with replacing(path, tmp), os.fdopen(fd, "wb") as f:
             for c in chunks:
                 f.write(c)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, new_file_mode(path))
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"checkpoint {str(path)!r} not written ({e.strerror or e}); "
-                                  "the file at that path, if any, is unchanged") from e
-        raise
-    sync_folder(folder)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} not written ({e.strerror or e}); "
+                              "the file at that path, if any, is unchanged") from e
 
 
 # -- loading -----------------------------------------------------------------------------------
