@@ -43,8 +43,9 @@ class Signature:
         sig = Signature(spec, tuple(
             TensorSpec(tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor)
             else ("value", repr(x)) for x in leaves), training)
-        for name, x in zip(sig.names, leaves):
+        for i, x in enumerate(leaves):  # (names are built only for the message: a hot path)
             if not isinstance(x, (torch.Tensor, *_VALUES)):
+                name = sig.names[i]
                 raise SignatureError(
                     f"{name} is a {type(x).__qualname__}: mpcompile bakes non-tensor inputs into "
                     "the graph, so only immutable values (numbers, strings, bools, None, enums, "

@@ -26,7 +26,7 @@ from ..passes.working_copies import working
 from ..policy import Policy
 from . import layout as state_layout
 from .provenance import finish, mark_forward
-from .step import CompiledStep, TrainStep, batch_signature
+from .step import CompiledStep, TrainStep, batch_key, batch_signature
 from .trace import StepSpec, trace
 
 
@@ -104,6 +104,7 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
         forward=program, stages=run.graphs, graph_module=gm, executable=run.gm, layout=layout,
         plan=plan, loss_scale=ls, policy=policy, master_weights=master_weights,
         max_grad_norm=max_grad_norm, batch_signature=batch_signature(args, kwargs, targets),
+        batch_key=batch_key(args, kwargs, targets),
         input_names=input_names, n_model_inputs=len(inputs), constants=constants)
     lr_source = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
     return TrainStep(model, compiled, values, lr_source)

@@ -46,6 +46,12 @@ class StepResult:
         return self.loss_scale <= self.min_scale
 
 
+def batch_key(args: tuple, kwargs: dict, targets: tuple) -> tuple:
+    """What a batch must match, cheap to build on every step (no leaf names)."""
+    return (Signature.of(args, kwargs, True),
+            tuple(TensorSpec(tuple(t.shape), t.dtype, t.device) for t in targets))
+
+
 def batch_signature(args: tuple, kwargs: dict, targets: tuple) -> tuple:
     """(where, TensorSpec or ("value", repr)) for every leaf of the inputs and targets."""
     sig = Signature.of(args, kwargs, True)
@@ -85,6 +91,7 @@ class CompiledStep:
     input_names: tuple[str, ...]  # per graph input: state, lr<i>, input<i>, target<i>, const<i>
     n_model_inputs: int  # how many batch tensors the model takes (the rest are targets)
     constants: tuple[torch.Tensor, ...] = ()  # the model's tensor constants: the last inputs
+    batch_key: tuple = ()  # batch_key() of the example: what step() compares
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -103,9 +110,8 @@ class TrainStep:
         self._lr_source = lr_source
         self._lr_override: list[float] | None = None
         self.warn_after_skips = 100  # consecutive skipped steps before a warning (0: never)
-        self._skip_run: torch.Tensor | None = None
-        self._longest_run: torch.Tensor | None = None
-        self._steps_since_check = 0
+        self._recent_skips: list[torch.Tensor] = []
+        self._skip_run = 0  # skipped steps in a row up to the last window read
 
     # -- what was compiled ---------------------------------------------------------------------
 
@@ -193,9 +199,8 @@ class TrainStep:
         of keyword inputs; targets for ``loss_fn``); the state advances in place of the old."""
         args, kwargs = split_inputs(inputs)
         targets = as_args(targets)
-        sig = batch_signature(args, kwargs, targets)
-        want = self._compiled.batch_signature
-        if sig != want:
+        if batch_key(args, kwargs, targets) != self._compiled.batch_key:
+            sig, want = batch_signature(args, kwargs, targets), self._compiled.batch_signature
             raise SignatureError(
                 "this batch does not match the example the step was compiled for: "
                 f"{_batch_mismatch(want, sig)}. Compile another step for it."
@@ -218,22 +223,20 @@ class TrainStep:
         return result
 
     def _watch_skips(self, result: StepResult) -> None:
-        """Warn when ``warn_after_skips`` steps in a row were skipped. The run length is kept
-        on the device (two scalar ops a step) and read once every ``warn_after_skips`` steps."""
+        """Warn when ``warn_after_skips`` steps in a row were skipped. The skip flags stay on the
+        device until ``warn_after_skips`` of them have gathered (no work per step), then are read
+        at once; the run length carries across windows."""
         k = self.warn_after_skips
         if not k:
             return
-        if self._skip_run is None:
-            self._skip_run = torch.zeros((), dtype=torch.int64, device=result.skipped.device)
-            self._longest_run = torch.zeros_like(self._skip_run)
-        self._skip_run = torch.where(result.skipped, self._skip_run + 1, 0)
-        self._longest_run = torch.maximum(self._longest_run, self._skip_run)
-        self._steps_since_check += 1
-        if self._steps_since_check < k:
+        self._recent_skips.append(result.skipped)
+        if len(self._recent_skips) < k:
             return
-        self._steps_since_check = 0
-        longest = int(self._longest_run)
-        self._longest_run = self._skip_run.clone()
+        longest = 0
+        for skipped in torch.stack(self._recent_skips).tolist():  # the one sync per window
+            self._skip_run = self._skip_run + 1 if skipped else 0
+            longest = max(longest, self._skip_run)
+        self._recent_skips.clear()
         if longest >= k:
             warnings.warn(
                 f"{longest} training steps in a row were skipped (non-finite "
