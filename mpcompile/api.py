@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from . import passes
+from . import backends, passes
 from .capture import BindingKind, Captured, capture
 from .dtypes import dtype_name
 from .errors import CaptureError, MPCompileError, PolicyError, SignatureError
@@ -36,6 +36,14 @@ class Program:
     device_type: str
     example: tuple[tuple, dict]  # the inputs it was captured with (reports re-run them)
     modes: tuple[bool, ...] = ()  # every module's training flag at capture
+    runner: backends.Runner | None = None  # runs executable (eager or Inductor); None: eager
+
+    @property
+    def execution(self) -> backends.Status:
+        """Which backend runs this program, why, and how long compiling took."""
+        if self.runner is None:
+            return backends.Status("eager", "eager", "requested")
+        return self.runner.status
 
     def context(self, model: torch.nn.Module) -> Context:
         """The pass context this program was compiled with (for further pipelines)."""
@@ -90,7 +98,7 @@ class Program:
             gm: fx.GraphModule | None = None) -> Any:
         """Run the graph on ``module``'s parameters and buffers (buffers updated in place, as
         the model's own forward would) and rebuild the model's output structure."""
-        outs = (gm or self.executable)(*self.feed(module, args, kwargs))
+        outs = (gm or self.runner or self.executable)(*self.feed(module, args, kwargs))
         user = []
         for b, v in zip(self.captured.outputs, outs):
             if b.kind is BindingKind.BUFFER:
@@ -134,15 +142,19 @@ def _device_type(model: torch.nn.Module, args: tuple, kwargs: dict) -> str:
 
 
 def compile_program(model: torch.nn.Module, args: tuple, kwargs: dict,
-                    policy: Policy) -> Program:
-    """Capture ``model`` on these inputs and run the pipeline."""
+                    policy: Policy, backend: str | None = "eager") -> Program:
+    """Capture ``model`` on these inputs and run the pipeline; ``backend`` runs the result
+    (None: a program that is only read, e.g. the forward of a training step)."""
     captured = capture(model, args, kwargs, keep_whole=policy.keep_whole())
     device_type = _device_type(model, args, kwargs)
     ctx = Context(policy, device_type, model, captured.inputs)
     fwd = passes.run(passes.FORWARD, captured.gm, ctx, first="capture")
     run = passes.run(passes.EXECUTION, fwd.gm, fwd.ctx, graphs=fwd.graphs)
+    runner = None if backend is None else backends.Runner(
+        run.gm, backend, device_type, f"the forward of {type(model).__name__}", direct=False)
     return Program(captured, run.graphs, fwd.gm, run.gm, policy, device_type,
-                   (tuple(args), dict(kwargs)), tuple(m.training for m in model.modules()))
+                   (tuple(args), dict(kwargs)), tuple(m.training for m in model.modules()),
+                   runner)
 
 
 def split_inputs(inputs: Any, kwargs: dict | None = None) -> tuple[tuple, dict]:
@@ -190,7 +202,7 @@ class MixedPrecisionModule(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, policy: Policy, recapture: bool = True,
-                 cache_size: int = 8):
+                 cache_size: int = 8, backend: str = "auto"):
         super().__init__()
         # share, don't copy: the same tensors under the same names
         self._parameters = model._parameters
@@ -201,6 +213,7 @@ class MixedPrecisionModule(torch.nn.Module):
         object.__setattr__(self, "_policy", policy)
         object.__setattr__(self, "_recapture", recapture)
         object.__setattr__(self, "_cache_size", cache_size)
+        object.__setattr__(self, "_backend", backends.check_backend(backend))
         object.__setattr__(self, "_programs", OrderedDict())
         object.__setattr__(self, "_last", None)
         object.__setattr__(self, "_lock", threading.RLock())  # one recapture at a time
@@ -248,7 +261,8 @@ class MixedPrecisionModule(torch.nn.Module):
                 "recapture=True to compile one graph per input signature."
             )
         try:  # a new signature, or parameters moved to another dtype/device: capture again
-            program = compile_program(self._original, args, kwargs, self._policy)
+            program = compile_program(self._original, args, kwargs, self._policy,
+                                      self._backend)
         except CaptureError as e:
             if programs:
                 known = next(reversed(programs))
@@ -301,6 +315,12 @@ class MixedPrecisionModule(torch.nn.Module):
         return self.program.executable
 
     @property
+    def execution(self) -> backends.Status:
+        """Which backend runs the program (of the most recent input signature), why, and how
+        long compiling took."""
+        return self.program.execution
+
+    @property
     def stages(self) -> dict[str, fx.GraphModule]:
         """The graph after each pass: capture, classify, assign, casts, cleanup, kernels."""
         return dict(self.program.stages)
@@ -322,7 +342,7 @@ class MixedPrecisionModule(torch.nn.Module):
 def convert(model: torch.nn.Module, example_inputs: Any = None, *,
             dtype: torch.dtype | None = None, policy: Policy | None = None,
             example_kwargs: dict | None = None, recapture: bool = True,
-            cache_size: int = 8) -> MixedPrecisionModule:
+            cache_size: int = 8, backend: str = "auto") -> MixedPrecisionModule:
     """Compile ``model`` to mixed precision.
 
     Args:
@@ -337,6 +357,10 @@ def convert(model: torch.nn.Module, example_inputs: Any = None, *,
         recapture: capture again when called with a new input signature (shape, dtype, device,
             train/eval); if False such a call raises :class:`SignatureError`.
         cache_size: how many compiled signatures to keep (least recently used dropped).
+        backend: how the program runs: ``"inductor"`` (``torch.compile``'s compiler, forward
+            and backward), ``"eager"`` (op by op: what ``report(measure=True)`` counts), or
+            ``"auto"`` (default: Inductor where it can run on the device, else eager). If
+            Inductor fails on a graph, that graph runs eagerly with one logged warning.
     """
     if isinstance(model, MixedPrecisionModule):
         raise MPCompileError("this model is already converted; convert the original model")
@@ -349,7 +373,8 @@ def convert(model: torch.nn.Module, example_inputs: Any = None, *,
             f"convert(dtype={dtype}) conflicts with policy.dtype={policy.dtype}: give one"
         )
     policy.check_pins(model)
-    mp = MixedPrecisionModule(model, policy, recapture=recapture, cache_size=cache_size)
+    mp = MixedPrecisionModule(model, policy, recapture=recapture, cache_size=cache_size,
+                              backend=backend)
     if example_inputs is not None or example_kwargs:
         mp.program_for(*split_inputs(example_inputs, example_kwargs))
     return mp

@@ -83,6 +83,7 @@ class Report:
     autocast_error: str | None = None  # torch.autocast could not run this model
     kernels: tuple[KernelInfo, ...] = ()  # matmuls/convs run by generated kernels
     ties: dict[str, tuple[str, ...]] = field(default_factory=dict)  # shared parameters
+    execution: str = ""  # which backend runs the program, why, compile time (backends.Status)
 
     @property
     def cast_bytes(self) -> int:
@@ -102,6 +103,7 @@ class Report:
             f"mpcompile report: {self.model}, {low} on {self.device}, strategy {self.strategy}",
             f"Converted {n_low}/{self.op_nodes} op nodes to {low} using {len(self.casts)} casts "
             f"({self.cast_bytes:,} B per call).",
+            *([f"Runs on: {self.execution}."] if self.execution else []),
             "",
             "op nodes by precision: " + ", ".join(f"{k}: {v}" for k, v in
                                                   sorted(self.by_precision.items())),
@@ -210,6 +212,7 @@ def build_report(program, model: torch.nn.Module, measure_calls: bool = True) ->
         local_cast_bytes=other_bytes if other == "local" else sum(c.bytes for c in casts),
         measured=measured, autocast_error=autocast_error,
         kernels=kernel_infos(program.executable), ties=dict(program.captured.ties),
+        execution=str(program.execution) if program.runner is not None else "",
     )
 
 

@@ -39,7 +39,7 @@ ADAM = lambda p: torch.optim.Adam(p, lr=1e-3)  # noqa: E731
 def fresh(ex, make_opt=SGD, model=None):
     model = ex.build().train() if model is None else model
     opt = make_opt(model.parameters())
-    step = mpcompile.compile_train_step(model, ex.loss, *batch(ex), optimizer=opt)
+    step = mpcompile.compile_train_step(model, ex.loss, *batch(ex), optimizer=opt, backend="eager")
     return step, opt
 
 
@@ -132,7 +132,8 @@ def test_scheduled_lr_restored_as_override_into_a_step_without_torch_optimizer(t
     a.save(tmp_path / "ck.mpc")
     model = ex.build().train()
     b = mpcompile.compile_train_step(model, ex.loss, *batch(ex),
-                                     optimizer=mpcompile.optim.SGD(lr=0.05, momentum=0.9))
+                                     optimizer=mpcompile.optim.SGD(lr=0.05, momentum=0.9),
+                                     backend="eager")
     b.load(tmp_path / "ck.mpc")
     assert b.learning_rates() == [0.0125]
     a.step(*batch(ex, seed=1))

@@ -265,10 +265,11 @@ def lowered_specs(names, lows) -> dict[str, KernelSpec]:
             ex = EXAMPLES[name]
             x, y = batch(ex)
             policy = Policy(dtype=low, kernels="on")
-            mpm = mpcompile.convert(ex.build().eval(), x, policy=policy)
+            mpm = mpcompile.convert(ex.build().eval(), x, policy=policy, backend="eager")
             m = ex.build().train()
             step = mpcompile.compile_train_step(m, ex.loss, x, y, policy=policy,
-                                                optimizer=torch.optim.SGD(m.parameters(), 0.1))
+                                                optimizer=torch.optim.SGD(m.parameters(), 0.1),
+                                                backend="eager")
             for gm in (mpm.executable, step.executable):
                 for mod in gm.modules():
                     if isinstance(mod, KernelCall):

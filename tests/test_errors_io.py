@@ -22,7 +22,8 @@ EX = EXAMPLES["mlp"]  # inputs float32[16, 32], targets int64[16]
 def _step():
     model = EX.build()
     return mpcompile.compile_train_step(model, EX.loss, *batch(EX),
-                                        optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+                                        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                        backend="eager")
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,8 @@ def test_trainer_on_a_missing_file_or_a_folder_names_it(tmp_path):
 
 def test_trainer_on_a_forward_model_says_so(tmp_path):
     (x,), _ = batch(EX)
-    path = mpcompile.export_onnx(mpcompile.convert(EX.build(), x), tmp_path / "forward.onnx")
+    path = mpcompile.export_onnx(mpcompile.convert(EX.build(), x,
+                                                   backend="eager"), tmp_path / "forward.onnx")
     with pytest.raises(mpcompile.ExportError, match="forward model") as e:
         mpcompile.OrtTrainer(path)
     assert str(path) in str(e.value)

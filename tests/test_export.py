@@ -127,7 +127,7 @@ FORWARD = [(n, low) if (i + (low is BF16)) % 2 == 0 else pytest.param(n, low,
 def test_forward_export_runs_in_onnxruntime_and_reference(name, low, tmp_path):
     ex = EXAMPLES[name]
     x, _ = batch(ex)
-    mp = mpcompile.convert(ex.build().eval(), x, dtype=low)
+    mp = mpcompile.convert(ex.build().eval(), x, dtype=low, backend="eager")
     path = mpcompile.export_onnx(mp, tmp_path / "m.onnx")
     model = onnx.load(str(path))
     assert model.ir_version == 10
@@ -147,7 +147,7 @@ def test_forward_export_of_hugging_face_bert(low):  # FP16 BERT: test_models (de
     from models_hf import bert
 
     model_t, kw, _ = bert()
-    mp = mpcompile.convert(model_t.eval(), example_kwargs=kw, dtype=low)
+    mp = mpcompile.convert(model_t.eval(), example_kwargs=kw, dtype=low, backend="eager")
     model = mpcompile.export_onnx(mp)
     assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_forward_structure(name, low, strict):
     ex = EXAMPLES[name]
     x, _ = batch(ex)
     mp = mpcompile.convert(ex.build().eval(), x,
-                           policy=Policy(dtype=low, strict_reductions=strict))
+                           policy=Policy(dtype=low, strict_reductions=strict), backend="eager")
     model = mpcompile.export_onnx(mp)
     types = _types(model)
     node_map = metadata(model)["node_map"]
@@ -213,7 +213,7 @@ def test_keep_fp32_weights_as_inputs():
     ex = EXAMPLES["mlp"]
     x, _ = batch(ex)
     model_t = ex.build().eval()
-    mp = mpcompile.convert(model_t, x)
+    mp = mpcompile.convert(model_t, x, backend="eager")
     model = mpcompile.export_onnx(mp, keep_fp32_weights=True)
     names = [i.name for i in model.graph.input]
     assert names == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "arg0"]
@@ -229,7 +229,7 @@ def test_keep_fp32_weights_as_inputs():
 
 def test_ir_version_and_opset():
     ex = EXAMPLES["mlp"]
-    mp = mpcompile.convert(ex.build().eval(), batch(ex)[0])
+    mp = mpcompile.convert(ex.build().eval(), batch(ex)[0], backend="eager")
     model = mpcompile.export_onnx(mp, ir_version=9, opset=21)
     assert model.ir_version == 9
     assert [o.version for o in model.opset_import if o.domain == ""] == [21]
@@ -247,7 +247,7 @@ def gradient_error(ex, low) -> float:
     ex.loss(m64(*(t.double() if t.is_floating_point() else t for t in x)), y).backward()
     model = ex.build().train()
     step = mpcompile.compile_train_step(model, ex.loss, x, y, dtype=low, optimizer=torch.optim.SGD(
-        model.parameters(), lr=0.1, momentum=0.5))
+        model.parameters(), lr=0.1, momentum=0.5), backend="eager")
     step.step(x, y)  # after one step the momentum buffer is the (unscaled) gradient
     errs = []
     for name, p in m64.named_parameters():
@@ -283,7 +283,7 @@ def _compiled(ex, low, **kw):
     model = ex.build().train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     return mpcompile.compile_train_step(model, ex.loss, *batch(ex), optimizer=opt, dtype=low,
-                                        **kw)
+                                        **kw, backend="eager")
 
 
 def _rel(a, b) -> float:
@@ -553,7 +553,7 @@ class Cummax(nn.Module):
 
 
 def test_unexportable_op_names_op_and_node():
-    mp = mpcompile.convert(Cummax(), torch.randn(3, 4))
+    mp = mpcompile.convert(Cummax(), torch.randn(3, 4), backend="eager")
     with pytest.raises(ExportError, match=r"aten\.cummax\.default \(node cummax in module "
                                           r"'<model>' \(test_export\.py:\d+"):
         mpcompile.export_onnx(mp)

@@ -24,7 +24,7 @@ def test_models_on_cuda(name, low):
     x, _ = batch(ex)
     ref_model = ex.build().eval().cuda()
     x = tuple(t.cuda() for t in x)
-    mp = mpcompile.convert(ex.build().eval().cuda(), x, dtype=low)
+    mp = mpcompile.convert(ex.build().eval().cuda(), x, dtype=low, backend="eager")
     assert mp.program.device_type == "cuda"
     counts = check_invariants(mp, low)  # reads graph_module: the graph before kernels
     # FP32_ACCUM is not proven on CUDA yet, so those ops must all run in FP32 there
@@ -61,8 +61,10 @@ def run_lowered(name: str, device: str, kernels: str, autotune: bool):
     ``name`` on ``device``."""
     ex = EXAMPLES[name]
     x = tuple(t.to(device) for t in batch(ex)[0])
-    plain = mpcompile.convert(ex.build().eval().to(device), x, policy=Policy(kernels="off"))
-    lowered = mpcompile.convert(ex.build().eval().to(device), x, policy=Policy(kernels=kernels))
+    plain = mpcompile.convert(ex.build().eval().to(device), x, policy=Policy(kernels="off"),
+                              backend="eager")
+    lowered = mpcompile.convert(ex.build().eval().to(device), x, policy=Policy(kernels=kernels),
+                                backend="eager")
     calls = kernel_calls(lowered.executable)
     # what lowering produced: every matmul/conv of the graph before kernels became a call
     assert len(calls) == len(lowerable(lowered.graph_module)) > 0

@@ -73,7 +73,8 @@ def _step(build, low, lr=3e-3):
     torch.manual_seed(0)
     model, b = build()
     step = mpcompile.compile_train_step(
-        model, batch=b, optimizer=torch.optim.AdamW(model.parameters(), lr=lr), dtype=low)
+        model, batch=b, optimizer=torch.optim.AdamW(model.parameters(), lr=lr), dtype=low,
+        backend="eager")
     return step, b
 
 
@@ -97,7 +98,7 @@ def test_trains_the_hugging_face_way(build, low):
     torch.manual_seed(0)
     model, _ = build()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    mp = mpcompile.convert(model, b, dtype=low)
+    mp = mpcompile.convert(model, b, dtype=low, backend="eager")
     scaler = torch.amp.GradScaler("cpu", enabled=low is F16)
     loss = mp(**b).loss
     scaler.scale(loss).backward()

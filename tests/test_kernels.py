@@ -49,8 +49,9 @@ def _calls(gm) -> list[KernelCall]:
 def test_lowering_replaces_every_matmul_and_conv(name, low):
     ex = EXAMPLES[name]
     x, y = batch(ex)
-    plain = mpcompile.convert(ex.build().eval(), x, dtype=low)
-    lowered = mpcompile.convert(ex.build().eval(), x, policy=Policy(dtype=low, kernels="on"))
+    plain = mpcompile.convert(ex.build().eval(), x, dtype=low, backend="eager")
+    lowered = mpcompile.convert(ex.build().eval(), x, policy=Policy(dtype=low, kernels="on"),
+                                backend="eager")
     gm = lowered.executable
     assert not _lowerable(gm)
     calls = [n for n in gm.graph.nodes if n.op == "call_module"]
@@ -76,7 +77,7 @@ def test_lowered_training_step(name):
         m = ex.build().train()
         steps.append(mpcompile.compile_train_step(
             m, ex.loss, x, y, policy=Policy(kernels=kernels),
-            optimizer=torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)))
+            optimizer=torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), backend="eager"))
     gm = steps[1].executable
     assert not _lowerable(gm) and _lowerable(steps[1].graph_module)
     kernels = _calls(gm)
@@ -91,9 +92,10 @@ def test_lowered_training_step(name):
 def test_kernels_auto_lowers_only_on_cuda():
     ex = EXAMPLES["mlp"]
     x = batch(ex)[0]
-    auto = mpcompile.convert(ex.build(), x)
+    auto = mpcompile.convert(ex.build(), x, backend="eager")
     assert _lowerable(auto.executable) and not _calls(auto.executable)
-    assert _calls(mpcompile.convert(ex.build(), x, policy=Policy(kernels="on")).executable)
+    assert _calls(mpcompile.convert(ex.build(), x, policy=Policy(kernels="on"),
+                                    backend="eager").executable)
     with pytest.raises(mpcompile.PolicyError, match="kernels='sometimes'"):
         Policy(kernels="sometimes")
 
@@ -118,17 +120,23 @@ def test_kernel_call_gpu_path_through_the_model(name, monkeypatch):
     x, y = batch(ex)
     m = ex.build().train()
     step = mpcompile.compile_train_step(m, ex.loss, x, y, policy=Policy(kernels="on"),
-                                        optimizer=torch.optim.SGD(m.parameters(), lr=0.05))
+                                        optimizer=torch.optim.SGD(m.parameters(), lr=0.05),
+                                        backend="eager")
     calls = _calls(step.executable)
     lr = torch.tensor(0.05, dtype=torch.float64)
-    ref = step.executable(*step.state, lr, *x, y)
+
+    def run() -> list[torch.Tensor]:  # the step updates its state inputs: give it copies
+        state = [t.clone() for t in step.state]
+        return [*step.executable(*state, lr, *x, y), *state]
+
+    ref = run()
     wgrads = [c for c in calls if c.role is Kind.CONV_WGRAD]
     assert bool(wgrads) == (name == "cnn")
     for call in wgrads:  # exercise the split-K path too (FP32 partials, summed)
         call.spec = dataclasses.replace(call.spec, split_k=3, epilogue=dataclasses.replace(
             call.spec.epilogue, out="float32"))
     _through_the_model(calls, monkeypatch)
-    got = step.executable(*step.state, lr, *x, y)
+    got = run()
     assert all(c.state is KernelState.KERNEL for c in calls), [c.backend for c in calls]
     assert all(c.backend.startswith("generated kernel (checked on first use") for c in calls)
     for a, b in zip(got, ref):
@@ -200,7 +208,7 @@ def test_a_wrong_kernel_is_caught_on_first_use(monkeypatch):
     """A kernel whose result disagrees with the library op is dropped for the library, loudly."""
     ex = EXAMPLES["mlp"]
     x, _ = batch(ex)
-    mpm = mpcompile.convert(ex.build().eval(), x, policy=Policy(kernels="on"))
+    mpm = mpcompile.convert(ex.build().eval(), x, policy=Policy(kernels="on"), backend="eager")
     calls = _calls(mpm.executable)
     _through_the_model(calls, monkeypatch, launcher=_Broken)
     with torch.no_grad():
@@ -208,5 +216,5 @@ def test_a_wrong_kernel_is_caught_on_first_use(monkeypatch):
     assert all(c.state is KernelState.LIBRARY and "differed from cuBLAS/cuDNN" in c.backend
                for c in calls)
     with torch.no_grad():
-        ref = mpcompile.convert(ex.build().eval(), x)(*x)
+        ref = mpcompile.convert(ex.build().eval(), x, backend="eager")(*x)
     assert ((out - ref).abs().max() / ref.abs().max()).item() <= 4 * unit_roundoff(F16)

@@ -75,7 +75,7 @@ def test_example_model(name, low):
     ex = EXAMPLES[name]
     x, y = batch(ex)
     ref_model = ex.build().eval()
-    mp = mpcompile.convert(ex.build().eval(), x, dtype=low)
+    mp = mpcompile.convert(ex.build().eval(), x, dtype=low, backend="eager")
     check_invariants(mp, low)
     with torch.no_grad():
         ref, out = _logits(ref_model(*x)), _logits(mp(*x))
@@ -100,7 +100,7 @@ TRAIN_CASES = [c if (i // 2 + LOWS.index(c[1])) % 2 == 0 else pytest.param(
 def test_training_lowers_the_loss(name, low):
     ex = EXAMPLES[name]
     x, y = batch(ex)
-    mp = mpcompile.convert(ex.build().train(), x, dtype=low)
+    mp = mpcompile.convert(ex.build().train(), x, dtype=low, backend="eager")
     losses = train(mp, ex.loss, x, {}, y, low, steps=30, lr=0.05)
     assert all(map(lambda v: v == v, losses)), "NaN loss"
     assert sum(losses[-5:]) / 5 < 0.6 * losses[0], losses
@@ -111,7 +111,7 @@ def test_training_lowers_the_loss(name, low):
 def test_hugging_face_bert(low):  # BF16 BERT: test_export's forward export (default run)
     model, kwargs, labels = bert()
     ref_model = copy.deepcopy(model).eval()
-    mp = mpcompile.convert(model.eval(), example_kwargs=kwargs, dtype=low)
+    mp = mpcompile.convert(model.eval(), example_kwargs=kwargs, dtype=low, backend="eager")
     counts = check_invariants(mp, low)
     assert counts[OpClass.FP32_ACCUM] >= 5  # the layer norms
     with torch.no_grad():

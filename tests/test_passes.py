@@ -35,7 +35,8 @@ def _noop(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
 
 
 def test_pipelines_are_declared_lists():
-    assert [p.name for p in passes.FORWARD] == ["classify", "assign", "casts", "cleanup"]
+    assert [p.name for p in passes.FORWARD] == ["fold_matmuls", "classify", "assign", "casts",
+                                                "cleanup"]
     assert [p.name for p in passes.TRAINING] == ["working_copies", "reshape_views"]
     assert [p.name for p in passes.EXECUTION] == ["kernels", "run_views"]
     assert [p.name for p in passes.EXPORT_STEP] == ["reshape_views", "decompose", "legalize"]
@@ -48,7 +49,8 @@ def test_a_noop_pass_is_checked_and_recorded():
     noop = Pass("noop", _noop, "does nothing", requires=(PRECISIONS_APPLIED,),
                 ensures=(PRECISIONS_APPLIED,))
     done = passes.run((*passes.FORWARD, noop), captured.gm, ctx, first="capture")
-    assert list(done.graphs) == ["capture", "classify", "assign", "casts", "cleanup", "noop"]
+    assert list(done.graphs) == ["capture", "fold_matmuls", "classify", "assign", "casts",
+                                 "cleanup", "noop"]
     assert done.gm is done.graphs["noop"]
     assert done.gm is not done.graphs["cleanup"]
     assert [str(n.target) for n in done.gm.graph.nodes] == \
@@ -117,17 +119,18 @@ def test_the_runner_leaves_its_input_graph_alone():
 def test_convert_and_train_step_record_every_stage():
     model = MLP.build()
     x, y = batch(MLP)
-    mp = mpcompile.convert(model, x)
-    assert list(mp.stages) == ["capture", "classify", "assign", "casts", "cleanup", "kernels",
-                               "run_views"]
+    mp = mpcompile.convert(model, x, backend="eager")
+    assert list(mp.stages) == ["capture", "fold_matmuls", "classify", "assign", "casts",
+                               "cleanup", "kernels", "run_views"]
     assert mp.graph_module is mp.stages["cleanup"]
     assert mp.executable is mp.stages["run_views"]
     step = mpcompile.compile_train_step(model, MLP.loss, x, y,
-                                        optimizer=mpcompile.optim.SGD(lr=0.1))
-    assert list(step.stages) == ["capture", "classify", "assign", "casts", "cleanup",
-                                 "working_copies", "reshape_views", "train_step", "kernels",
-                                 "run_views"]
+                                        optimizer=mpcompile.optim.SGD(lr=0.1), backend="eager")
+    assert list(step.stages) == ["capture", "fold_matmuls", "classify", "assign", "casts",
+                                 "cleanup", "working_copies", "reshape_views", "train_step",
+                                 "kernels", "run_views", "state_in_place"]
     assert step.graph_module is step.stages["train_step"]
+    assert step.executable is step.stages["state_in_place"]
     assert len(step.input_names) == len(step.example_args())
     assert step.output_names[-3:] == ("loss", "loss_scale", "skipped")
 
@@ -157,3 +160,43 @@ assert all(sys.modules[m] is None for m in ("onnx", "onnxscript", "onnxruntime")
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pip install 'mpcompile[onnx]'" in out.stdout
+
+
+class _SeqFirstAttention(torch.nn.Module):
+    """batch_first attention: its in-projection runs on a transposed 3-D tensor, which capture
+    records as a bmm of the weight expanded over the sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_fold_matmuls_turns_a_broadcast_weight_bmm_into_one_mm():
+    """The folded graph computes the captured graph's values (FP32, float64 oracle of both)
+    with no weight expanded over the batch left, and the step's backward has no bmm of it."""
+    torch.manual_seed(0)
+    model = _SeqFirstAttention().eval()
+    x = torch.randn(3, 16, 32)
+    captured = capture(model, (x,), {})
+    ctx = Context(Policy(), "cpu", model, captured.inputs)
+    before = captured.gm.graph.find_nodes(op="call_function", target=torch.ops.aten.bmm.default)
+    assert before, "the model no longer produces the pattern this test is about"
+    done = passes.run((passes.FOLD_MATMULS,), captured.gm, ctx, first="capture")
+    folded = done.gm
+    assert not folded.graph.find_nodes(op="call_function", target=torch.ops.aten.bmm.default)
+    for e in folded.graph.find_nodes(op="call_function", target=torch.ops.aten.expand.default):
+        assert e.meta["val"].numel() == e.args[0].meta["val"].numel()  # no broadcast left
+    feed = [p.detach() for p in model.parameters()] + [x]
+    assert len(feed) == len(captured.gm.graph.find_nodes(op="placeholder"))
+    want = captured.gm(*[t.double() for t in feed])[0]
+    got = folded(*[t.double() for t in feed])[0]
+    assert (got - want).abs().max().item() <= 1e-12 * want.abs().max().item()
+    assert (folded(*feed)[0] - model(x)).abs().max().item() <= 1e-5
+    step = mpcompile.compile_train_step(_SeqFirstAttention(), lambda o, t: (o - t).pow(2).mean(),
+                                        x, torch.zeros(3, 16, 32),
+                                        optimizer=mpcompile.optim.SGD(lr=0.1), backend="eager")
+    assert not step.graph_module.graph.find_nodes(op="call_function",
+                                                  target=torch.ops.aten.bmm.default)

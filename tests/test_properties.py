@@ -380,7 +380,7 @@ def check_recipe(r: Recipe) -> float:
     assume(sensitivity(model, x, u) <= SENSITIVITY_MAX * (len(r.blocks) + 1))
 
     # 1. converts; every op sees its assigned precision
-    mp = mpcompile.convert(model, x, dtype=r.dtype)
+    mp = mpcompile.convert(model, x, dtype=r.dtype, backend="eager")
     n_low = check_precisions(mp.graph_module, r.dtype)
     if any(b.kind in LOWER_KINDS for b in r.blocks):
         assert n_low > 0, "a model with a matmul runs nothing in low precision"

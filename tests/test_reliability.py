@@ -25,7 +25,7 @@ def test_two_threads_recapturing_one_module():
     every result is right, the weights stay real tensors, stderr and the logger are restored."""
     model = MLP.build().eval()
     reference_model = MLP.build().eval()
-    mp = mpcompile.convert(model)
+    mp = mpcompile.convert(model, backend="eager")
     stderr = sys.stderr
     logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
     level = logger.level
@@ -134,7 +134,7 @@ def test_the_dynamic_scale_has_a_floor():
     model = MLP.build()
     x, y = batch(MLP)
     step = mpcompile.compile_train_step(model, MLP.loss, x, y,
-                                        optimizer=mpcompile.optim.SGD(lr=0.1))
+                                        optimizer=mpcompile.optim.SGD(lr=0.1), backend="eager")
     bad = (x[0] * float("nan"),)
     for _ in range(40):  # 2^16 halves to 1 in 16 steps; then it stays there
         r = step(bad, y)
@@ -148,7 +148,7 @@ def test_learning_rates_that_would_corrupt_the_masters_are_refused(bad):
     model = MLP.build()
     x, y = batch(MLP)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    step = mpcompile.compile_train_step(model, MLP.loss, x, y, optimizer=opt)
+    step = mpcompile.compile_train_step(model, MLP.loss, x, y, optimizer=opt, backend="eager")
     before = {k: v.clone() for k, v in step.state_dict().items() if k != "lr_override"}
     with pytest.raises(TrainStepError, match="lr"):
         step.set_lr(bad)
@@ -165,7 +165,8 @@ def test_the_step_counter_counts_past_2_to_the_24():
     model = MLP.build()
     x, y = batch(MLP)
     step = mpcompile.compile_train_step(model, MLP.loss, x, y,
-                                        optimizer=torch.optim.Adam(model.parameters()))
+                                        optimizer=torch.optim.Adam(model.parameters()),
+                                        backend="eager")
     state = step.state_dict()
     state["step"] = torch.tensor(2**24, dtype=torch.int64)
     step.load_state_dict(state)
@@ -188,7 +189,7 @@ class _TakesValues(torch.nn.Module):
 
 
 def test_non_tensor_arguments_must_be_immutable_values():
-    mp = mpcompile.convert(_TakesValues())
+    mp = mpcompile.convert(_TakesValues(), backend="eager")
     x = torch.randn(2, 4)
     with pytest.raises(mpcompile.SignatureError, match=r"args\[2\] is a _Config.*immutable"):
         mp(x, 1.0, _Config())
@@ -204,7 +205,7 @@ def test_non_tensor_arguments_must_be_immutable_values():
 def test_a_float_input_in_another_dtype_than_captured_is_named():
     model = MLP.build()
     x, _ = batch(MLP)
-    mp = mpcompile.convert(model, x)
+    mp = mpcompile.convert(model, x, backend="eager")
     with pytest.raises(mpcompile.SignatureError, match=r"args\[0\] is float64.*float32"):
         mp(x[0].double())
     model.double()  # moving the model too is a new capture, not an error
@@ -215,7 +216,7 @@ def test_a_run_of_skipped_steps_warns_and_says_the_scale_is_at_its_floor():
     model = MLP.build()
     x, y = batch(MLP)
     step = mpcompile.compile_train_step(model, MLP.loss, x, y,
-                                        optimizer=mpcompile.optim.SGD(lr=0.1))
+                                        optimizer=mpcompile.optim.SGD(lr=0.1), backend="eager")
     step.warn_after_skips = 20
     bad = (x[0] * float("nan"),)
     for _ in range(5):
@@ -244,7 +245,8 @@ def test_fault_injection_no_corrupted_state():
         model = MLP.build()
         step = mpcompile.compile_train_step(model, MLP.loss, x, y, loss_scale=1024.0,
                                             optimizer=torch.optim.SGD(model.parameters(),
-                                                                      lr=0.01, momentum=0.9))
+                                                                      lr=0.01, momentum=0.9),
+                                                                      backend="eager")
         for i in range(300):
             xi, yi = batch(MLP, seed=i)
             if i in poisoned:

@@ -147,7 +147,7 @@ def test_tied_weights_export_and_load_back():
 def test_constants_and_slice_assignment_export():
     x, y = batch(CONST)
     model = CONST.build().eval()
-    mp = mpcompile.convert(model, x)
+    mp = mpcompile.convert(model, x, backend="eager")
     onx = mpcompile.export_onnx(mp)
     import onnxruntime as ort
 
@@ -176,7 +176,7 @@ def test_broadcast_parameters_reduce_their_gradient_in_fp32():
     g = torch.Generator().manual_seed(1)
     x = 1.0 + 0.1 * torch.randn(64, 5, 12, generator=g)
     y = torch.zeros(64, dtype=torch.long)
-    mp = mpcompile.convert(model, x)
+    mp = mpcompile.convert(model, x, backend="eager")
     for name in ("expand", "add"):
         node = next(n for n in mp.graph_module.graph.nodes if n.name == name)
         assert node.meta["mp"].precision is torch.float32, name
@@ -192,7 +192,7 @@ def test_broadcast_parameters_reduce_their_gradient_in_fp32():
     assert not torch.isfinite((per_sample * scale).half().sum(0)).all()  # ... their sum does not
     step = mpcompile.compile_train_step(
         model, lambda out, t: F.cross_entropy(out.float(), t, reduction="sum"), x, y,
-        optimizer=mpcompile.optim.SGD(lr=1.0), loss_scale=scale)
+        optimizer=mpcompile.optim.SGD(lr=1.0), loss_scale=scale, backend="eager")
     before = step.value("master.cls").clone()
     r = step(x, y)
     assert not bool(r.skipped)
@@ -225,10 +225,11 @@ def test_keyword_batches_and_the_models_own_loss():
     mask = torch.ones(3, 7)
     b = {"input_ids": ids, "attention_mask": mask, "labels": ids}
     m1, m2 = HFStyle(), HFStyle()
-    s1 = mpcompile.compile_train_step(m1, batch=b, optimizer=SGD(m1.parameters()))
+    s1 = mpcompile.compile_train_step(m1, batch=b, optimizer=SGD(m1.parameters()), backend="eager")
     s2 = mpcompile.compile_train_step(
         m2, lambda out, y: F.cross_entropy(out["logits"].reshape(-1, 30).float(), y.reshape(-1)),
-        {"input_ids": ids, "attention_mask": mask}, ids, optimizer=SGD(m2.parameters()))
+        {"input_ids": ids, "attention_mask": mask}, ids, optimizer=SGD(m2.parameters()),
+        backend="eager")
     for _ in range(4):  # the model's loss is inside the compiled forward: FP32 rounding apart
         a = s1(b)
         c = s2({"input_ids": ids, "attention_mask": mask}, ids)
@@ -239,18 +240,18 @@ def test_keyword_batches_and_the_models_own_loss():
         s1({"input_ids": ids, "labels": ids})
     with pytest.raises(mpcompile.TrainStepError, match="no loss_fn"):
         mpcompile.compile_train_step(HFStyle(), None, {"input_ids": ids}, ids,
-                                     optimizer=mpcompile.optim.SGD())
+                                     optimizer=mpcompile.optim.SGD(), backend="eager")
     with pytest.raises(mpcompile.TrainStepError, match="outputs.loss is None|no loss"):
         mpcompile.compile_train_step(HFStyle(), batch={"input_ids": ids},
-                                     optimizer=mpcompile.optim.SGD())
-    mp = mpcompile.convert(HFStyle(), {"input_ids": ids, "attention_mask": mask})
+                                     optimizer=mpcompile.optim.SGD(), backend="eager")
+    mp = mpcompile.convert(HFStyle(), {"input_ids": ids, "attention_mask": mask}, backend="eager")
     assert mp(input_ids=ids, attention_mask=mask)["logits"].shape == (3, 7, 30)
 
 
 def test_a_model_that_fails_in_plain_pytorch_says_so():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).train()
     with pytest.raises(mpcompile.CaptureError, match="fails in plain PyTorch too") as e:
-        mpcompile.convert(model, torch.randn(1, 4))
+        mpcompile.convert(model, torch.randn(1, 4), backend="eager")
     assert "Expected more than 1 value per channel" in str(e.value)
     assert "torch.export" not in str(e.value)
     assert model[1].num_batches_tracked.item() == 0  # the eager check ran on a copy

@@ -8,11 +8,14 @@ node) and the pass's ``ensures``, and records the graph under the pass's name.
     TRAINING    applied to FORWARD's graph for a training step; ``train.trace`` then builds the
                 step graph on it
     EXECUTION   applied to the graph that runs (forward or step): generated kernels; views as
-                reshapes (fake-tensor strides after a cast can differ from the real kernel's)
+                reshapes (fake-tensor strides after a cast can differ from the real kernel's);
+                a step adds ``state_in_place(n)``
     EXPORT_FORWARD, EXPORT_FORWARD_FP32_WEIGHTS, EXPORT_STEP   before ``torch.onnx.export``
 """
 
 from __future__ import annotations
+
+import functools
 
 from . import (
     assign,
@@ -20,8 +23,10 @@ from . import (
     classify,
     cleanup,
     decompose,
+    in_place,
     kernels,
     legalize,
+    matmuls,
     views,
     working_copies,
 )
@@ -29,6 +34,8 @@ from .base import Condition, Pass, PassResult, Stages, run
 from .conditions import ASSIGNED, CLASSIFIED, PRECISIONS_APPLIED
 from .context import Context
 
+FOLD_MATMULS = Pass(matmuls.STAGE, matmuls.run, "bmm of a weight expanded over the batch -> "
+                    "one mm on the flattened input (what eager's linear runs)")
 CLASSIFY = Pass("classify", classify.run, "op -> LOWER/FP32/FP32_ACCUM/FOLLOW/PASSTHROUGH from "
                 "the policy table and user overrides; module pins; bans", ensures=(CLASSIFIED,))
 ASSIGN = Pass("assign", assign.run, "precision of every op: fixed by its class, or a global "
@@ -52,7 +59,17 @@ DECOMPOSE = Pass("decompose", decompose.run, "re-trace with the export decomposi
                  "backward, batch norm, flash attention, lerp); no backward or prims op remains",
                  ensures=(decompose.EXPORTABLE,))
 
-FORWARD = (CLASSIFY, ASSIGN, CASTS, CLEANUP)
+
+
+def state_in_place(n_state: int) -> Pass:
+    """The training step's last execution pass: its first ``n_state`` outputs are stored into
+    its first ``n_state`` inputs (``aten.copy_``) instead of being returned."""
+    return Pass("state_in_place", functools.partial(in_place.run, n_state=n_state),
+                "new state stored into the state inputs (in place); the step returns loss, "
+                "scale, skip flag")
+
+
+FORWARD = (FOLD_MATMULS, CLASSIFY, ASSIGN, CASTS, CLEANUP)
 TRAINING = (WORKING_COPIES, RESHAPE_VIEWS)
 EXECUTION = (KERNELS, RUN_VIEWS)
 EXPORT_FORWARD = (WORKING_COPIES, LEGALIZE)
@@ -60,4 +77,5 @@ EXPORT_FORWARD_FP32_WEIGHTS = (LEGALIZE,)
 EXPORT_STEP = (RESHAPE_VIEWS, DECOMPOSE, LEGALIZE)
 
 __all__ = ["EXECUTION", "EXPORT_FORWARD", "EXPORT_FORWARD_FP32_WEIGHTS", "EXPORT_STEP",
-           "FORWARD", "TRAINING", "Condition", "Context", "Pass", "PassResult", "Stages", "run"]
+           "FORWARD", "TRAINING", "Condition", "Context", "Pass", "PassResult", "Stages", "run",
+           "state_in_place"]

@@ -7,7 +7,9 @@
     trace.trace + provenance.finish            forward, loss, x S, autograd backward, unscale,
                                                found_inf, [clip], update, gate, working copies,
                                                scale update; a record on every node
-    passes.EXECUTION                           generated kernels where Policy.kernels allows
+    passes.EXECUTION + state_in_place          generated kernels where Policy.kernels allows;
+                                               the new state stored into the state inputs
+    backends.Runner                            eager, or Inductor on the first step
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .. import optim, passes, scaling
+from .. import backends, optim, passes, scaling
 from ..api import as_args, compile_program, split_inputs, tensor_leaves
 from ..capture import BindingKind, module_modes, restore_modes
 from ..checks import check
@@ -35,7 +37,7 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
                        optimizer: Any, batch: Any = None, dtype: torch.dtype | None = None,
                        loss_scale: Any = "default", policy: Policy | None = None,
                        max_grad_norm: float | None = None,
-                       master_weights: bool = True) -> TrainStep:
+                       master_weights: bool = True, backend: str = "auto") -> TrainStep:
     """Compile one mixed-precision training step of ``model`` into a single fx graph.
 
     Args:
@@ -59,7 +61,12 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
         master_weights: False is the paper's ablation, for experiments only: no FP32 master;
             the optimizer's result is rounded straight into the low-precision weights, so
             updates below half an ulp of a weight are lost.
+        backend: ``"inductor"`` (torch's compiler: the state update fuses into one loop per
+            parameter), ``"eager"`` (op by op), or ``"auto"`` (default: Inductor where it can
+            run on the device, else eager). Inductor compiles on the first step; if it fails
+            the step runs eagerly with one logged warning (``report()`` says so).
     """
+    backends.check_backend(backend)
     policy = _policy(policy, dtype)
     ls = scaling.resolve(loss_scale, policy.dtype)
     args, kwargs, targets = _batch(loss_fn, max_grad_norm, example_inputs, example_targets,
@@ -75,7 +82,7 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
     if not model.training:
         model.train()
     try:
-        program = compile_program(model, args, kwargs, policy)
+        program = compile_program(model, args, kwargs, policy, backend=None)
     finally:
         restore_modes(modes)
     fwd = passes.run(passes.TRAINING, program.graph_module, program.context(model),
@@ -99,13 +106,15 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
     gm = trace(spec, [*values, *lrs, *inputs, *targets, *constants])
     gm = check(finish(gm, fwd.gm, list(zip(roles, input_names))), "train_step")
     graphs = {**fwd.graphs, "train_step": gm}
-    run = passes.run(passes.EXECUTION, gm, fwd.ctx, graphs=graphs)
+    run = passes.run((*passes.EXECUTION, passes.state_in_place(len(layout.names))), gm,
+                     fwd.ctx, graphs=graphs)
     compiled = CompiledStep(
         forward=program, stages=run.graphs, graph_module=gm, executable=run.gm, layout=layout,
         plan=plan, loss_scale=ls, policy=policy, master_weights=master_weights,
         max_grad_norm=max_grad_norm, batch_signature=batch_signature(args, kwargs, targets),
         batch_key=batch_key(args, kwargs, targets),
-        input_names=input_names, n_model_inputs=len(inputs), constants=constants)
+        input_names=input_names, n_model_inputs=len(inputs), constants=constants,
+        backend=backend)
     lr_source = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
     return TrainStep(model, compiled, values, lr_source)
 

@@ -32,6 +32,7 @@ class TrainReport:
     low_state_bytes: int
     state_bytes_by_kind: dict[str, int]
     backward_precision: dict[str, dict[str, int]] = field(default_factory=dict)
+    execution: str = ""  # which backend runs the step, why, compile time (backends.Status)
 
     def as_dict(self) -> dict:
         from dataclasses import asdict
@@ -45,7 +46,8 @@ class TrainReport:
 
     def training_text(self) -> str:
         """Only what the training graph adds to the forward report."""
-        lines = ["training graph, nodes by phase:"]
+        lines = [f"training step runs on: {self.execution}"] if self.execution else []
+        lines.append("training graph, nodes by phase:")
         for ph, n in self.nodes_by_phase.items():
             lines.append(f"  {ph:<14}{n:>6}   " + ", ".join(
                 f"{op.removeprefix('aten.')}×{k}" for op, k in
@@ -110,4 +112,5 @@ def build_train_report(step, forward_report) -> TrainReport:
         updates_per_param=dict(per_param), casts=dict(casts), fp32_state_bytes=fp32,
         low_state_bytes=low, state_bytes_by_kind=dict(kinds),
         backward_precision={k: dict(v) for k, v in bwd.items()},
+        execution=str(step.execution),
     )

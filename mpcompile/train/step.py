@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .. import optim, scaling
+from .. import backends, optim, scaling
 from ..api import Program, as_args, split_inputs, tensor_leaves
 from ..dtypes import dtype_name
 from ..errors import SignatureError, TrainStepError
@@ -80,7 +80,7 @@ class CompiledStep:
     forward: Program  # the forward as ``convert`` compiles it (the report describes it)
     stages: dict[str, fx.GraphModule]  # every pass's graph, forward stages then the step's
     graph_module: fx.GraphModule  # the step graph: mixed precision, before kernels
-    executable: fx.GraphModule  # what runs (generated kernels where Policy.kernels allows)
+    executable: fx.GraphModule  # what runs: kernels where Policy.kernels allows, state in place
     layout: StateLayout
     plan: optim.Plan
     loss_scale: scaling.LossScale
@@ -92,6 +92,7 @@ class CompiledStep:
     n_model_inputs: int  # how many batch tensors the model takes (the rest are targets)
     constants: tuple[torch.Tensor, ...] = ()  # the model's tensor constants: the last inputs
     batch_key: tuple = ()  # batch_key() of the example: what step() compares
+    backend: str = "auto"  # the requested execution backend (backends.BACKENDS)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -106,7 +107,10 @@ class TrainStep:
                  state: Sequence[torch.Tensor], lr_source: torch.optim.Optimizer | None = None):
         self._model = model
         self._compiled = compiled
-        self._state: list[torch.Tensor] = list(state)
+        self._state: list[torch.Tensor] = [t.contiguous() for t in state]
+        self._runner = backends.Runner(compiled.executable, compiled.backend,
+                                       self._state[0].device.type, "the training step",
+                                       direct=True)
         self._lr_source = lr_source
         self._lr_override: list[float] | None = None
         self.warn_after_skips = 100  # consecutive skipped steps before a warning (0: never)
@@ -128,7 +132,11 @@ class TrainStep:
     max_grad_norm = property(lambda self: self._compiled.max_grad_norm)
     graph_module = property(lambda self: self._compiled.graph_module,
                             doc="the step graph (mixed precision, before kernels)")
-    executable = property(lambda self: self._compiled.executable, doc="the graph that runs")
+    executable = property(lambda self: self._compiled.executable,
+                          doc="the graph that runs: stores the new state into its state inputs "
+                              "and returns loss, loss_scale, skipped (and grad_norm)")
+    execution = property(lambda self: self._runner.status,
+                         doc="which backend runs the step, why, and its compile time")
     stages = property(lambda self: dict(self._compiled.stages), doc="every pass's graph")
     input_names = property(lambda self: self._compiled.input_names,
                            doc="one name per graph input: state, lr<i>, input<i>, target<i>")
@@ -196,7 +204,7 @@ class TrainStep:
 
     def step(self, inputs: Any, targets: Any = None) -> StepResult:
         """One training step on a batch (inputs as at compile time: a tensor, a tuple, a dict
-        of keyword inputs; targets for ``loss_fn``); the state advances in place of the old."""
+        of keyword inputs; targets for ``loss_fn``); the state tensors are updated in place."""
         args, kwargs = split_inputs(inputs)
         targets = as_args(targets)
         if batch_key(args, kwargs, targets) != self._compiled.batch_key:
@@ -207,15 +215,12 @@ class TrainStep:
             )
         dev = self._state[0].device
         lrs = [torch.tensor(x, dtype=torch.float64, device=dev) for x in self.learning_rates()]
-        batch = [*tensor_leaves(args, kwargs), *targets]
-        outs = self.executable(*self._state, *lrs, *batch, *self._compiled.constants)
+        batch = [t.contiguous() for t in (*tensor_leaves(args, kwargs), *targets)]
+        rest = self._runner(*self._state, *lrs, *batch, *self._compiled.constants)
         if self._lr_source is not None:
             # this step is the optimizer's step: tell torch's LR schedulers, which otherwise
             # warn that scheduler.step() came before optimizer.step()
             self._lr_source._opt_called = True
-        n = len(self._state)
-        self._state = list(outs[:n])
-        rest = outs[n:]
         ls = self.loss_scale_config
         result = StepResult(rest[0], rest[1], rest[2], rest[3] if len(rest) > 3 else None,
                             getattr(ls, "min_scale", None))
@@ -293,7 +298,7 @@ class TrainStep:
             why = checkpoint.entry_problem(self.layout, name, t)
             if why:
                 raise TrainStepError(f"load_state_dict: {why}; nothing was changed")
-            new.append(t.detach().clone().to(cur.device))
+            new.append(t.detach().to(cur.device).clone(memory_format=torch.contiguous_format))
         self._state = new
         self._lr_override = None if lr is None else [float(x) for x in lr]
 
