@@ -485,11 +485,32 @@ def test_frozen_parameters_stay_put():
     model.fc1.weight.requires_grad_(False)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     step = mpcompile.compile_train_step(model, ex.loss, *batch(ex), optimizer=opt, backend="eager")
-    w0 = model.fc1.weight.detach().clone()
+    w0, v0 = model.fc1.weight.detach().clone(), model.fc2.weight.detach().clone()
     for i in range(3):
         step.step(*batch(ex, seed=i))
     assert torch.equal(step.value("master.fc1.weight"), w0)
-    assert not torch.equal(step.value("master.fc2.weight"), model.fc2.weight)
+    assert not torch.equal(step.value("master.fc2.weight"), v0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_the_model_is_trained_in_place_as_under_torch_optim(backend):
+    """An FP32 parameter is its master and a buffer its state entry: after the steps the
+    model holds what the step holds (no second FP32 copy), and a loaded state lands there too."""
+    ex = EXAMPLES["cnn"]
+    model = ex.build().train()
+    step = mpcompile.compile_train_step(model, ex.loss, *batch(ex), optimizer=SGD(
+        model.parameters()), backend=backend)
+    saved = {k: v.clone() for k, v in step.state_dict().items() if k != "lr_override"}
+    for i in range(2):
+        step.step(*batch(ex, seed=i))
+    for name, p in model.named_parameters():
+        assert p.data_ptr() == step.value(f"master.{name}").data_ptr(), name
+        assert not torch.equal(p, saved[f"master.{name}"]), name  # trained
+    for name, b in model.named_buffers():
+        assert torch.equal(b, step.value(f"buffer.{name}")), name
+    step.load_state_dict(saved)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, saved[f"master.{name}"]), name
 
 
 # --- errors -------------------------------------------------------------------------------------

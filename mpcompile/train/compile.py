@@ -41,8 +41,9 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
     """Compile one mixed-precision training step of ``model`` into a single fx graph.
 
     Args:
-        model: the FP32 model (left untouched; the step keeps its own state, see
-            :meth:`TrainStep.to_module`).
+        model: the FP32 model. Its FP32 parameters are the step's master weights and its
+            buffers the step's buffers: each step updates them in place, as torch.optim would
+            (no second FP32 copy is held); :meth:`TrainStep.to_module` returns a copy.
         loss_fn: ``loss_fn(outputs, *targets) -> scalar``; None: the model computes the loss
             (``outputs.loss``, ``outputs["loss"]``, or the first output), the Hugging Face way.
         example_inputs: the model's inputs: a tensor, a tuple (positional), a dict (keyword,

@@ -75,7 +75,11 @@ def build(model: torch.nn.Module, plan: optim.Plan, working: Sequence[str],
           keep_master: Sequence[str], low: torch.dtype,
           loss_scale: scaling.LossScale) -> tuple[StateLayout, list[torch.Tensor]]:
     """The layout and the initial state: FP32 masters, working copies rounded from them,
-    zero optimizer state, copies of the buffers, the initial scale and zero counters."""
+    zero optimizer state, the buffers, the initial scale and zero counters.
+
+    An FP32 parameter *is* its master (the state tensor shares its storage) and a buffer is
+    its own state entry: the step updates them in place, so the model trains as under
+    torch.optim and no second FP32 copy of the weights is held."""
     params = dict(model.named_parameters())
     names: list[str] = []
     values: list[torch.Tensor] = []
@@ -85,17 +89,26 @@ def build(model: torch.nn.Module, plan: optim.Plan, working: Sequence[str],
         values.append(value)
 
     for fqn in keep_master:
-        add(key(StateKind.MASTER, fqn), params[fqn].detach().to(F32).clone())
+        add(key(StateKind.MASTER, fqn), _shared(params[fqn], F32))
     for fqn in working:
         add(key(StateKind.WORKING, fqn), params[fqn].detach().to(low).clone())
     for fqn, gi in plan.group_of.items():
         for slot, t in optim.init_state(plan.groups[gi], params[fqn]).items():
             add(key(StateKind.OPT, fqn, slot), t)
     for fqn, b in model.named_buffers():
-        add(key(StateKind.BUFFER, fqn), b.detach().clone())
+        add(key(StateKind.BUFFER, fqn), _shared(b, b.dtype))
     dev = values[0].device if values else torch.device("cpu")
     add(key(StateKind.SCALE), torch.tensor(scaling.initial_scale(loss_scale), dtype=F32,
                                            device=dev))
     add(key(StateKind.GROWTH), torch.tensor(0, dtype=torch.int32, device=dev))
     add(key(StateKind.STEP), torch.tensor(0, dtype=torch.int64, device=dev))  # exact past 2^24
     return StateLayout(tuple(names)), values
+
+
+def _shared(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` itself (its storage, without autograd) when it already is a contiguous ``dtype``
+    tensor, else a converted copy."""
+    d = t.detach()
+    if d.dtype == dtype and d.is_contiguous():
+        return d
+    return d.to(dtype).contiguous().clone()

@@ -298,8 +298,10 @@ class TrainStep:
             why = checkpoint.entry_problem(self.layout, name, t)
             if why:
                 raise TrainStepError(f"load_state_dict: {why}; nothing was changed")
-            new.append(t.detach().to(cur.device).clone(memory_format=torch.contiguous_format))
-        self._state = new
+            new.append(t)
+        with torch.no_grad():  # checked: now copy in place (the state may be the model's own)
+            for cur, t in zip(self._state, new):
+                cur.copy_(t)
         self._lr_override = None if lr is None else [float(x) for x in lr]
 
     def save(self, path: str | os.PathLike) -> Path:
