@@ -94,8 +94,8 @@ def demo(args: argparse.Namespace) -> int:
             ref = None
             print(f"torch.autocast fails on this model: {str(e).splitlines()[0][:100]}\n")
         print(f"compile_train_step: one graph of {len(step.graph_module.graph.nodes)} nodes, "
-              f"compiled in {compile_s:.2f} s; {skipped} step(s) skipped on overflow, loss "
-              f"scale now {step.value('scale').item():g}")
+              f"traced in {compile_s:.2f} s, runs on {step.execution}; {skipped} step(s) "
+              f"skipped on overflow, loss scale now {step.value('scale').item():g}")
         marks = sorted({0, len(losses) // 4, len(losses) // 2, 3 * len(losses) // 4,
                         len(losses) - 1})
         print(f"  {'step':>6} {'mpcompile':>10}" + (f" {'autocast':>10}" if ref else ""))
