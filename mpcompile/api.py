@@ -142,16 +142,19 @@ def _device_type(model: torch.nn.Module, args: tuple, kwargs: dict) -> str:
 
 
 def compile_program(model: torch.nn.Module, args: tuple, kwargs: dict,
-                    policy: Policy, backend: str | None = "eager") -> Program:
+                    policy: Policy, backend: str | None = "eager", direct: bool = False,
+                    label: str | None = None) -> Program:
     """Capture ``model`` on these inputs and run the pipeline; ``backend`` runs the result
-    (None: a program that is only read, e.g. the forward of a training step)."""
+    (None: a program that is only read, e.g. the forward of a training step). ``direct`` and
+    ``label``: see :class:`backends.Runner` (``label`` names the graph in its warning)."""
     captured = capture(model, args, kwargs, keep_whole=policy.keep_whole())
     device_type = _device_type(model, args, kwargs)
     ctx = Context(policy, device_type, model, captured.inputs)
     fwd = passes.run(passes.FORWARD, captured.gm, ctx, first="capture")
     run = passes.run(passes.EXECUTION, fwd.gm, fwd.ctx, graphs=fwd.graphs)
     runner = None if backend is None else backends.Runner(
-        run.gm, backend, device_type, f"the forward of {type(model).__name__}", direct=False)
+        run.gm, backend, device_type, label or f"the forward of {type(model).__name__}",
+        direct=direct)
     return Program(captured, run.graphs, fwd.gm, run.gm, policy, device_type,
                    (tuple(args), dict(kwargs)), tuple(m.training for m in model.modules()),
                    runner)
@@ -202,7 +205,8 @@ class MixedPrecisionModule(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, policy: Policy, recapture: bool = True,
-                 cache_size: int = 8, backend: str = "auto"):
+                 cache_size: int = 8, backend: str = "auto", direct: bool = False,
+                 label: str | None = None):
         super().__init__()
         # share, don't copy: the same tensors under the same names
         self._parameters = model._parameters
@@ -214,6 +218,8 @@ class MixedPrecisionModule(torch.nn.Module):
         object.__setattr__(self, "_recapture", recapture)
         object.__setattr__(self, "_cache_size", cache_size)
         object.__setattr__(self, "_backend", backends.check_backend(backend))
+        object.__setattr__(self, "_direct", direct)  # see backends.Runner
+        object.__setattr__(self, "_label", label)
         object.__setattr__(self, "_programs", OrderedDict())
         object.__setattr__(self, "_last", None)
         object.__setattr__(self, "_lock", threading.RLock())  # one recapture at a time
@@ -262,7 +268,7 @@ class MixedPrecisionModule(torch.nn.Module):
             )
         try:  # a new signature, or parameters moved to another dtype/device: capture again
             program = compile_program(self._original, args, kwargs, self._policy,
-                                      self._backend)
+                                      self._backend, self._direct, self._label)
         except CaptureError as e:
             if programs:
                 known = next(reversed(programs))

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from . import backends
-from .api import MixedPrecisionModule, Program, convert
+from .api import MixedPrecisionModule
 from .dtypes import dtype_name, from_name
 from .errors import CaptureError, MPCompileError
 from .policy import Policy
@@ -115,8 +115,14 @@ class Subgraph:
     def __init__(self, gm: fx.GraphModule, options: Options):
         self.name = _graph_name(gm)
         self.options = options
-        # converted for eager runs; __call__ gives each program its runner (see _runner)
-        self.module: MixedPrecisionModule = convert(gm, policy=options.policy, backend="eager")
+        # Inductor gets each graph directly (direct=True: torch._inductor.compile, whose
+        # AOTAutograd also compiles the backward), not through a second Dynamo: under Dynamo's
+        # compiled code, torch.compile(fullgraph=True) raises "found no compiled frames" (torch
+        # 2.13), and Dynamo's guards already fix the shapes, grad mode and requires_grad each
+        # graph is called with
+        self.module = MixedPrecisionModule(gm, options.policy, backend=options.backend,
+                                           direct=True,
+                                           label=f"graph {self.name} under torch.compile")
 
     def __call__(self, *args: Any) -> Any:
         first = not self.compiled
@@ -124,8 +130,6 @@ class Subgraph:
             program = self.module.program_for(args)
         except CaptureError as e:
             raise CaptureError(_capture_hint(self.name, e)) from e
-        if program.runner is None or not program.runner.direct:
-            program.runner = _runner(program, self.options.backend, self.name)
         out = program.run(self.module, args, {})
         if first:
             self._announce()
@@ -160,16 +164,6 @@ class Subgraph:
     def __repr__(self) -> str:
         return (f"Subgraph({self.name}, {dtype_name(self.options.policy.dtype)}, "
                 f"backend={self.options.backend!r})")
-
-
-def _runner(program: Program, backend: str, name: str) -> backends.Runner:
-    """The runner of one program: Inductor gets the graph directly (``direct=True``:
-    ``torch._inductor.compile``, whose AOTAutograd also compiles the backward), not through a
-    second Dynamo. Under Dynamo's compiled code, ``convert``'s ``torch.compile(fullgraph=True)``
-    raises "found no compiled frames" (torch 2.13), and the graph needs no tracing: Dynamo's
-    guards already fix the shapes, grad mode and requires_grad each graph is called with."""
-    return backends.Runner(program.executable, backend, program.device_type,
-                           f"graph {name} under torch.compile", direct=True)
 
 
 def _capture_hint(name: str, e: CaptureError) -> str:

@@ -9,7 +9,7 @@ node) and the pass's ``ensures``, and records the graph under the pass's name.
                 step graph on it
     EXECUTION   applied to the graph that runs (forward or step): generated kernels; views as
                 reshapes (fake-tensor strides after a cast can differ from the real kernel's);
-                a step adds ``state_in_place(n)``
+                a step adds ``state_in_place(names)``
     EXPORT_FORWARD, EXPORT_FORWARD_FP32_WEIGHTS, EXPORT_STEP   before ``torch.onnx.export``
 """
 
@@ -60,11 +60,10 @@ DECOMPOSE = Pass("decompose", decompose.run, "re-trace with the export decomposi
                  ensures=(decompose.EXPORTABLE,))
 
 
-
-def state_in_place(n_state: int) -> Pass:
-    """The training step's last execution pass: its first ``n_state`` outputs are stored into
-    its first ``n_state`` inputs (``aten.copy_``) instead of being returned."""
-    return Pass("state_in_place", functools.partial(in_place.run, n_state=n_state),
+def state_in_place(names: tuple[str, ...]) -> Pass:
+    """The training step's last execution pass: its first ``len(names)`` outputs (the state
+    entries ``names``) are stored into its first inputs (``aten.copy_``), not returned."""
+    return Pass("state_in_place", functools.partial(in_place.run, names=names),
                 "new state stored into the state inputs (in place); the step returns loss, "
                 "scale, skip flag")
 

@@ -16,36 +16,30 @@ import torch.fx as fx
 
 from ..errors import PassError
 from ..fxutil import val_dtype
-from ..records import MP, NodeRecord, record
+from ..records import MP, NodeRecord
 from .context import Context
 
 aten = torch.ops.aten
 
 
-def run(gm: fx.GraphModule, ctx: Context, n_state: int) -> fx.GraphModule:
+def run(gm: fx.GraphModule, ctx: Context, names: tuple[str, ...]) -> fx.GraphModule:
+    """``names``: the state entries, the step's first inputs and first outputs in order."""
+    n_state = len(names)
     g = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    outs = g.graph_copy(gm.graph, env)
+    outs = g.graph_copy(gm.graph, {})
     phs = list(g.find_nodes(op="placeholder"))
     if not isinstance(outs, (tuple, list)) or len(outs) < n_state or len(phs) < n_state:
         raise PassError(f"state_in_place: the step graph has {len(phs)} inputs and returns "
                         f"{len(outs) if isinstance(outs, (tuple, list)) else 1} values; "
                         f"expected {n_state} state entries first in both")
     state = set(phs[:n_state])
-    for i in range(n_state):
-        new, dst = outs[i], phs[i]
+    for name, new, dst in zip(names, outs, phs):
         if new is dst:
             continue  # unchanged (e.g. a buffer the forward never updates)
-        if new in state:
-            # another entry's old value: copy it before that entry is overwritten
-            with g.inserting_before(g.find_nodes(op="placeholder")[-1].next):
-                new = g.call_function(aten.clone.default, (new,))
-                new.meta[MP] = NodeRecord("state_in_place", precision=val_dtype(outs[i]),
-                                          decided_by="state_in_place",
-                                          decision="the old value, kept before the state "
-                                                   "it comes from is overwritten")
+        if new in state:  # the copies run in order: it would read an overwritten value
+            raise PassError(f"state_in_place: the new {name} is another state entry's input "
+                            f"({new.name}); the step graph must compute it")
         node = g.call_function(aten.copy_.default, (dst, new))
-        name = record(dst).decision.removeprefix("step input: state ")
         node.meta[MP] = NodeRecord("state_in_place", precision=val_dtype(dst),
                                    decided_by="state_in_place", subject=name,
                                    decision="the new value stored into the state input (the "

@@ -107,7 +107,7 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
     gm = trace(spec, [*values, *lrs, *inputs, *targets, *constants])
     gm = check(finish(gm, fwd.gm, list(zip(roles, input_names))), "train_step")
     graphs = {**fwd.graphs, "train_step": gm}
-    run = passes.run((*passes.EXECUTION, passes.state_in_place(len(layout.names))), gm,
+    run = passes.run((*passes.EXECUTION, passes.state_in_place(layout.names)), gm,
                      fwd.ctx, graphs=graphs)
     compiled = CompiledStep(
         forward=program, stages=run.graphs, graph_module=gm, executable=run.gm, layout=layout,

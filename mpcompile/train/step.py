@@ -107,7 +107,7 @@ class TrainStep:
                  state: Sequence[torch.Tensor], lr_source: torch.optim.Optimizer | None = None):
         self._model = model
         self._compiled = compiled
-        self._state: list[torch.Tensor] = [t.contiguous() for t in state]
+        self._state: list[torch.Tensor] = list(state)  # contiguous (layout.build)
         self._runner = backends.Runner(compiled.executable, compiled.backend,
                                        self._state[0].device.type, "the training step",
                                        direct=True)
