@@ -63,9 +63,13 @@ class Policy:
         strategy: ``"mincut"`` (global minimum of cast bytes) or ``"local"`` (each free op takes
             its inputs' precision, as autocast's type promotion does).
         kernels: run low-precision matmuls/convolutions as generated tensor-core kernels (the
-            ``kernels`` pass of ``passes.EXECUTION``): ``"auto"`` when the graph runs on CUDA,
-            ``"on"`` everywhere (off-GPU they compute the same contract with torch), ``"off"``
-            never.
+            ``kernels`` pass of ``passes.EXECUTION``, each a ``torch.ops.mpcompile.kernel`` call
+            with an autograd formula). ``"auto"``: on CUDA, each kernel runs only after it passed
+            a verification on the device (else, and where the library is faster, cuBLAS/cuDNN);
+            without NVRTC the library ops, with one logged line; off CUDA not lowered. ``"on"``:
+            lowered everywhere (off-GPU the same contract computed with torch); on CUDA verified
+            like "auto" but a passing kernel is used even where the library is faster; without
+            NVRTC on CUDA an error. ``"off"``: never.
     """
 
     dtype: torch.dtype = torch.float16
@@ -88,9 +92,9 @@ class Policy:
         if self.strategy not in ("mincut", "local"):
             raise PolicyError(f"Policy(strategy={self.strategy!r}): use 'mincut' or 'local'")
         if self.kernels not in ("auto", "on", "off"):
-            raise PolicyError(f"Policy(kernels={self.kernels!r}): use 'auto' (generated "
-                              "kernels on CUDA), 'on' (also elsewhere, via the reference) or "
-                              "'off'")
+            raise PolicyError(f"Policy(kernels={self.kernels!r}): use 'auto' (verified "
+                              "generated kernels on CUDA), 'on' (also elsewhere, via the "
+                              "reference) or 'off'")
         user: dict[OpOverload, tuple[OpClass, str]] = {}
         for arg, cls in (("lower", L), ("fp32", F), ("follow", W), ("passthrough", P)):
             ops = getattr(self, arg)

@@ -13,14 +13,19 @@ it on a single-user chain is fused into the epilogue:
 - a multiplication by an FP32 0-dim tensor (the inverse loss scale when unscaling gradients):
   ``scale``, read on the device.
 
-``Policy(kernels="auto")`` lowers graphs that run on CUDA; ``"on"`` lowers anywhere (the
-reference contract runs off-GPU, e.g. to test the lowering on CPU); ``"off"`` never. A node that
-cannot be lowered keeps its torch op, with the reason in its record.
+``Policy(kernels="auto")`` lowers graphs that run on CUDA when NVRTC can compile kernels (without
+it the graph keeps its torch ops, i.e. the library in low precision, and one line is logged);
+``"on"`` lowers anywhere (the reference contract runs off-GPU, e.g. to test the lowering on CPU)
+and refuses a CUDA graph without NVRTC; ``"off"`` never (:func:`decide`). At run time a lowered
+call uses its generated kernel only once it passed its verification on the device (see
+``runtime/kernel.py``). A node that cannot be lowered keeps its torch op, with the reason in its
+record.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 import torch.fx as fx
@@ -28,10 +33,14 @@ import torch.fx as fx
 from ..codegen.spec import Conv, Epilogue, KernelSpec, Kind, SpecError, widest_vec
 from ..codegen.tiles import choose_tile, conv_spec
 from ..dtypes import FLOAT32, LOW, dtype_name
+from ..errors import KernelError
 from ..fxutil import copy_module, is_getitem, val_dtype
 from ..records import MP, NodeRecord, record, update
-from ..runtime.kernel import ConvArgs, KernelCall
+from ..runtime import nvrtc
+from ..runtime.kernel import NO_NVRTC, ConvArgs, KernelCall
 from .context import Context
+
+log = logging.getLogger("mpcompile.kernels")
 
 aten = torch.ops.aten
 LOWERABLE = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convolution.default,
@@ -45,9 +54,27 @@ def _low(dtype: torch.dtype | None) -> str | None:
     return dtype_name(dtype) if dtype in LOW else None
 
 
+def decide(mode: str, device_type: str, nvrtc_available: bool) -> tuple[bool, str | None]:
+    """(lower the graph's matmuls/convs?, a line to log) for ``Policy.kernels`` = ``mode`` on
+    ``device_type``. Raises :class:`KernelError` for "on" on CUDA without NVRTC."""
+    if mode == "off" or (mode == "auto" and device_type != "cuda"):
+        return False, None
+    if device_type == "cuda" and not nvrtc_available:
+        if mode == "on":
+            raise KernelError(f"Policy(kernels='on') on CUDA: {NO_NVRTC}. Install it, or use "
+                              "kernels='auto' (runs the library ops) or kernels='off'")
+        return False, (f"generated kernels: {NO_NVRTC}; kernels='auto' keeps the library ops "
+                       "(cuBLAS/cuDNN in low precision)")
+    return True, None
+
+
 def enabled(ctx: Context) -> bool:
-    mode = ctx.policy.kernels
-    return mode == "on" or (mode == "auto" and ctx.device_type == "cuda")
+    """Does the pass lower this graph? (Logs why not when "auto" lacks NVRTC on CUDA.)"""
+    lower, note = decide(ctx.policy.kernels, ctx.device_type,
+                         nvrtc.available() if ctx.device_type == "cuda" else True)
+    if note:
+        log.warning(note)
+    return lower
 
 
 def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
@@ -56,12 +83,12 @@ def run(gm: fx.GraphModule, ctx: Context) -> fx.GraphModule:
     gm = copy_module(gm)
     if not enabled(ctx):
         return gm
-    count = 0
+    count, mode = 0, ctx.policy.kernels
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in LOWERABLE:
             continue
         try:
-            lowered = _lower(gm, node, count)
+            lowered = _lower(gm, node, count, mode)
         except SpecError as e:
             lowered = f"no kernel spec fits: {e}"
         if isinstance(lowered, str):
@@ -129,18 +156,18 @@ def _epilogue_chain(node: fx.Node, low: str, allow_transpose: bool):
 # --- per op -----------------------------------------------------------------------------------
 
 
-def _lower(gm: fx.GraphModule, node: fx.Node, idx: int) -> int | str:
+def _lower(gm: fx.GraphModule, node: fx.Node, idx: int, mode: str) -> int | str:
     if node.target is aten.convolution_backward.default:
-        return _lower_conv_backward(gm, node, idx)
+        return _lower_conv_backward(gm, node, idx, mode)
     low = _low(val_dtype(node))
     if low is None:
         return f"it computes in {dtype_name(val_dtype(node))}, not float16/bfloat16"
     if node.target is aten.convolution.default:
-        return _lower_conv(gm, node, idx, low)
-    return _lower_gemm(gm, node, idx, low)
+        return _lower_conv(gm, node, idx, low, mode)
+    return _lower_gemm(gm, node, idx, low, mode)
 
 
-def _lower_gemm(gm, node, idx, low) -> int | str:
+def _lower_gemm(gm, node, idx, low, mode) -> int | str:
     bias = None
     if node.target is aten.addmm.default:
         bias, a, b = node.args[:3]
@@ -175,8 +202,8 @@ def _lower_gemm(gm, node, idx, low) -> int | str:
     else:
         a_arg, b_arg = a, b
     args = [a_arg, b_arg] + ([bias] if bias is not None else []) + ([scale] if scale else [])
-    _replace(gm, node, last, fused, KernelCall(spec, bias is not None, scale is not None),
-             args, idx)
+    _replace(gm, node, last, fused,
+             KernelCall(spec, bias is not None, scale is not None, mode=mode), args, idx)
     return 1
 
 
@@ -190,7 +217,7 @@ def _transposed_view(gm, at: fx.Node, x: fx.Node) -> fx.Node:
     return v
 
 
-def _lower_conv(gm, node, idx, low) -> int | str:
+def _lower_conv(gm, node, idx, low, mode) -> int | str:
     x, w, bias, stride, padding, dilation, transposed, _, groups = node.args[:9]
     if transposed or groups != 1 or _val(x).dim() != 4:
         return "only 2-D, non-transposed, groups=1 convolutions have kernels"
@@ -201,7 +228,8 @@ def _lower_conv(gm, node, idx, low) -> int | str:
     spec = conv_spec(Kind.CONV_FPROP, low, cv, tuple(ops), out)
     args = [x, w] + ([bias] if bias is not None else []) + ([scale] if scale else [])
     call = KernelCall(spec, bias is not None, scale is not None,
-                      ConvArgs(cv.stride, cv.pad, cv.dil))
+                      ConvArgs(cv.stride, cv.pad, cv.dil, tuple(_val(x).shape),
+                               tuple(_val(w).shape)), mode=mode)
     _replace(gm, node, last, fused, call, args, idx)
     return 1
 
@@ -211,7 +239,7 @@ def _conv(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> Conv:
                 w.shape[3], tuple(stride), tuple(padding), tuple(dilation))
 
 
-def _lower_conv_backward(gm, node, idx) -> int | str:
+def _lower_conv_backward(gm, node, idx, mode) -> int | str:
     go, x, w, _, stride, padding, dilation, transposed, _, groups, mask = node.args[:11]
     low = _low(val_dtype(go))
     if low is None:
@@ -224,13 +252,14 @@ def _lower_conv_backward(gm, node, idx) -> int | str:
     made = 0
     conv_args = ConvArgs(cv.stride, cv.pad, cv.dil, tuple(_val(x).shape), tuple(_val(w).shape))
     if mask[0] and 0 in getitems:
-        call = KernelCall(conv_spec(Kind.CONV_DGRAD, low, cv), False, False, conv_args)
+        call = KernelCall(conv_spec(Kind.CONV_DGRAD, low, cv), False, False, conv_args,
+                          mode=mode)
         _replace(gm, getitems[0], getitems[0], [], call, [go, w], idx + made)
         made += 1
     if mask[1] and 1 in getitems:
         # split-K: FP32 partials summed after the kernel, rounded once to ``low``
         call = KernelCall(conv_spec(Kind.CONV_WGRAD, low, cv), False, False, conv_args,
-                          final=low)
+                          final=low, mode=mode)
         _replace(gm, getitems[1], getitems[1], [], call, [go, x], idx + made)
         made += 1
     if mask[2] and 2 in getitems:  # the bias gradient stays a reduction over N, H, W
@@ -276,4 +305,4 @@ def _replace(gm, first: fx.Node, last: fx.Node, fused: list[fx.Node], call: Kern
             g.erase_node(n)
 
 
-__all__ = ["LOWERABLE", "STAGE", "enabled", "run"]
+__all__ = ["LOWERABLE", "STAGE", "decide", "enabled", "run"]

@@ -1,74 +1,531 @@
-"""``KernelCall``: the module a lowered graph calls in place of a matmul or convolution.
+"""``KernelCall``: the module a lowered graph calls in place of a matmul or convolution, and the
+``Runtime`` that decides, per call and device, what computes it.
 
-On a CUDA tensor it runs the generated kernel (compiled on first use for the device's arch,
-cached on disk); anywhere else, under fake tensors, or if compiling/launching fails, it computes
-the same contract with torch (``reference.py``) and says why (``state`` and ``detail``, read
-together as ``backend``, and a log line once): never a silent wrong answer.
+``KernelCall.forward`` calls the custom op ``torch.ops.mpcompile.kernel`` (``ops.py``: fake
+implementation, autograd formula), whose implementation is :meth:`Runtime.run`:
+
+- tensors off the GPU: the reference contract with torch (``reference.py``), state REFERENCE;
+- on CUDA without NVRTC: ``mode="auto"`` runs the library op (cuBLAS/cuDNN through torch, in the
+  operand dtype) and logs one line; ``mode="on"`` raises :class:`KernelError`;
+- on CUDA: on first use of a kernel on a device (the verdict is kept per kernel and device:
+  name, arch, index, driver version) the generated kernel must pass ``verify.verify`` (NaN-
+  poisoned output, exact-integer and sqrt(K)-bounded random checks). With ``autotune`` every
+  preset tile that builds is verified and the fastest passing one is kept; ``"auto"`` also
+  times the library op and keeps it when it is faster. No candidate passing, or a kernel that
+  fails to compile or launch: the library op, with the reason logged once and shown in
+  ``KernelCall.backend``. Never the FP32 reference on a GPU, never an unverified kernel.
+  The candidates (:func:`candidates`, each a :class:`Variant`) are the sm_80+ mma.sync kernel
+  with each preset tile and, on an sm_90 device, the Hopper wgmma/TMA kernel
+  (``codegen/hopper.py``) with each of its presets when ``hopper.supports`` the spec.
+
+Operands are realigned before a launch (:func:`realign`): a tensor whose strides differ from
+the spec's or whose address is not 16-byte aligned is copied to fresh storage, GEMM operands and
+convolution (NHWC/KRSC) operands alike; :func:`check_launchable` asserts it right before the
+launch (:class:`LaunchError`).
+
+Decision state lives in a :class:`Runtime`. The op's implementation is a process-wide function
+that torch's dispatcher calls with tensors and strings only (eagerly or from Inductor's
+generated code), so it finds its runtime through :func:`runtime`: the one :func:`using` made
+current, else a default created on first use (nothing is created at import).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import enum
+import functools
 import logging
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
+from ..codegen import hopper
+from ..codegen.hopper import HopperConfig
 from ..codegen.render import render_source
 from ..codegen.spec import KernelSpec, Kind, SpecError
 from ..codegen.tiles import TILES
-from ..dtypes import from_name, unit_roundoff
-from . import nvrtc, reference
+from ..dtypes import from_name
+from ..errors import KernelError
+from . import nvrtc, reference, verify
 from .launch import LaunchError, Loaded, device_arch
+from .ops import Call, ConvArgs, channel_dim, encode, product_low
 
 log = logging.getLogger("mpcompile.kernels")
-CHECK_UNITS = 16  # first-use check: max difference from the library op, in units of rounding
+ALIGN = 16  # bytes: the widest cp.async copy
+NO_NVRTC = "NVRTC not installed (pip install mpcompile[gpu])"
 
 
 class KernelState(enum.Enum):
     """What ran a :class:`KernelCall` last (its ``detail`` says why or how well)."""
 
     NOT_RUN = "not run yet"
-    REFERENCE = "reference"  # the torch contract: off-GPU, fake tensors, or after a failure
+    REFERENCE = "reference"  # the torch contract: off-GPU
     KERNEL = "generated kernel"
-    LIBRARY = "library"  # cuBLAS/cuDNN through torch: faster, or the kernel failed its check
+    LIBRARY = "library"  # cuBLAS/cuDNN through torch: faster, unverified kernel, or no NVRTC
 
 
 @dataclass(frozen=True)
-class ConvArgs:
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    input_shape: tuple[int, ...] = ()
-    weight_shape: tuple[int, ...] = ()
+class Record:
+    state: KernelState
+    detail: str
+    timings: dict = field(default_factory=dict, compare=False)  # candidate -> milliseconds
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One implementation of a call's kernel: the mma.sync kernel of ``spec`` (sm_80+), or with
+    ``hopper`` set, the Hopper wgmma/TMA kernel of ``spec`` in that configuration (sm_90a)."""
+
+    spec: KernelSpec
+    hopper: HopperConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.hopper is not None:
+            hopper.check(self.spec, self.hopper)
+
+    @property
+    def label(self) -> str:
+        if self.hopper is None:
+            return f"mma.sync {tile_name(self.spec)}"
+        c = self.hopper
+        return f"wgmma {c.bm}x{c.bn}x{c.bk}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What runs one call on one device: a verified kernel ``variant`` (KERNEL) or the
+    library."""
+
+    state: KernelState
+    detail: str
+    variant: Variant | None = None
+    timings: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def spec(self) -> KernelSpec | None:
+        return None if self.variant is None else self.variant.spec
+
+
+# --- operands ---------------------------------------------------------------------------------
+
+
+def _strides_match(t: torch.Tensor, strides) -> bool:
+    return all(n <= 1 or s == w for n, s, w in zip(t.shape, t.stride(), strides))
+
+
+def realign(t: torch.Tensor, strides, align: int = ALIGN) -> torch.Tensor:
+    """``t`` itself if it has ``strides`` (size-1 dimensions aside) and a ``align``-byte aligned
+    address, else a copy in fresh storage with ``strides``. (``t.contiguous()`` is no fix: it
+    returns a contiguous but misaligned view unchanged.) A zero stride (an expanded operand) is
+    kept: one slice is copied and expanded again."""
+    strides = tuple(strides)
+    if _strides_match(t, strides) and t.data_ptr() % align == 0:
+        return t
+    zero = [d for d, (n, s) in enumerate(zip(t.shape, strides)) if s == 0 and n > 1]
+    src = t
+    for d in zero:
+        src = src.narrow(d, 0, 1)
+    fresh = torch.empty_strided(src.shape, strides, dtype=t.dtype, device=t.device)
+    fresh.copy_(src)
+    return fresh.expand(t.shape) if zero else fresh
+
+
+def check_launchable(name: str, t: torch.Tensor, strides, spec: KernelSpec) -> None:
+    """Raise :class:`LaunchError` unless ``t`` has ``strides`` and an aligned address."""
+    if not _strides_match(t, strides) or t.data_ptr() % ALIGN:
+        raise LaunchError(f"kernel {spec.name}: operand {name} has strides {tuple(t.stride())} "
+                          f"at address {t.data_ptr():#x}; the kernel needs {tuple(strides)} and "
+                          f"{ALIGN}-byte alignment (realign() it first)")
+
+
+def channels_last_strides(shape) -> tuple[int, ...]:
+    """Strides of an NCHW-shaped tensor stored NHWC (KCRS stored KRSC)."""
+    n, c, h, w = shape
+    return (h * w * c, 1, w * c, c)
+
+
+def contiguous_strides(shape) -> tuple[int, ...]:
+    out, acc = [], 1
+    for n in reversed(tuple(shape)):
+        out.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(out))
+
+
+# --- what computes a call ---------------------------------------------------------------------
+
+
+def reference_result(call: Call, x, y, bias, scale) -> torch.Tensor:
+    sp, ep, cv = call.spec, call.spec.epilogue, call.conv
+    if sp.kind is Kind.GEMM:
+        out = reference.gemm(x, y, ep, sp.dtype, bias, scale)
+    elif sp.kind is Kind.CONV_FPROP:
+        out = reference.conv_fprop(x, y, ep, sp.dtype, cv.stride, cv.padding, cv.dilation,
+                                   bias, scale)
+    elif sp.kind is Kind.CONV_DGRAD:
+        out = reference.conv_dgrad(x, y, cv.input_shape, ep, sp.dtype, cv.stride, cv.padding,
+                                   cv.dilation, scale)
+    else:
+        out = reference.conv_wgrad(x, y, cv.weight_shape, ep, sp.dtype, cv.stride, cv.padding,
+                                   cv.dilation, scale)
+    return out.to(from_name(call.final)).contiguous()
+
+
+def library_result(call: Call, x, y, bias, scale) -> torch.Tensor:
+    """The same op through torch's libraries (cuBLAS/cuDNN) in the operand dtype, then the
+    epilogue in FP32 (one extra rounding, before the epilogue)."""
+    acc = product_low(call, x, y).to(torch.float32)
+    out = reference.apply_epilogue(acc, call.spec.epilogue, call.spec.dtype, bias, scale,
+                                   channel_dim=channel_dim(call.spec.kind))
+    return out.to(from_name(call.final)).contiguous()
+
+
+def launch_result(launcher, call: Call, spec: KernelSpec, x, y, bias, scale,
+                  alloc: verify.Alloc | None = None) -> torch.Tensor:
+    """Run ``launcher`` (``launch.Loaded`` or a stand-in with its call) for ``spec`` on the
+    call's operands: realigned operands, output allocated by ``alloc`` (NaN-poisoned when
+    verifying), split-K partials summed in FP32, the result in the call's final dtype, NCHW."""
+    alloc = alloc or (lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device))
+    dev = x.device
+    out_dtype = from_name(spec.epilogue.out)
+    splits = (spec.split_k,) if spec.split_k > 1 else ()  # FP32 partials, summed below
+    if bias is not None:
+        bias = realign(bias, contiguous_strides(bias.shape))
+    if scale is not None:
+        scale = scale.to(torch.float32)
+        scale = realign(scale, contiguous_strides(scale.shape))
+    if spec.kind is Kind.GEMM:
+        batched = x.dim() == 3
+        (_, sa), (_, sb) = (verify.gemm_operand_layout(spec, w, batched) for w in ("a", "b"))
+        a, b = realign(x, sa), realign(y, sb)
+        check_launchable("a", a, sa, spec)
+        check_launchable("b", b, sb, spec)
+        c = alloc(splits + (*x.shape[:-1], spec.n), out_dtype, dev)
+        launcher(a, b, c, bias, scale)
+        out = c.sum(0) if splits else c
+    else:
+        sx, sy = channels_last_strides(x.shape), channels_last_strides(y.shape)
+        a, b = realign(x, sx), realign(y, sy)
+        check_launchable("a", a, sx, spec)
+        check_launchable("b", b, sy, spec)
+        cv = spec.conv
+        shape = {Kind.CONV_FPROP: (cv.n, cv.p, cv.q, cv.k),
+                 Kind.CONV_DGRAD: (cv.n, cv.h, cv.w, cv.c),
+                 Kind.CONV_WGRAD: (cv.k, cv.r, cv.s, cv.c)}[spec.kind]
+        c = alloc(splits + shape, out_dtype, dev)
+        nhwc = (0, 2, 3, 1)
+        launcher(a.permute(nhwc), b.permute(nhwc), c,
+                 bias if spec.kind is Kind.CONV_FPROP else None, scale)
+        out = (c.sum(0) if splits else c).permute(0, 3, 1, 2)
+    return out.to(from_name(call.final)).contiguous()
+
+
+def candidates(spec: KernelSpec, arch: str | None = None) -> list[Variant]:
+    """``spec``'s mma.sync kernel, the same with every other preset tile that can build the
+    problem, and on ``arch`` sm_90 the Hopper kernel with each preset it supports."""
+    out = [Variant(spec)]
+    for tile in TILES.values():
+        try:
+            cand = Variant(dataclasses.replace(spec, tile=tile))
+        except SpecError:
+            continue
+        if cand not in out:
+            out.append(cand)
+    if arch in ("sm_90", "sm_90a") and hopper.supports(spec) is None:
+        out += [Variant(spec, config) for config in hopper.PRESETS]
+    return out
+
+
+def tile_name(spec: KernelSpec) -> str:
+    t = spec.tile
+    return f"{t.bm}x{t.bn}x{t.bk}"
+
+
+def cuda_timer(fn: Callable[[], object]) -> float:
+    """Milliseconds per call of ``fn`` on the current CUDA stream (2 warm-up calls, 5 timed)."""
+    for _ in range(2):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 5
+
+
+def _driver_version() -> str:
+    try:
+        from cuda.bindings import driver as cu
+
+        err, version = cu.cuDriverGetVersion()
+        return str(version) if err == cu.CUresult.CUDA_SUCCESS else "unknown"
+    except Exception:  # noqa: BLE001 - only labels the cache key
+        return "unknown"
+
+
+def device_key(device: torch.device) -> str:
+    """What a verification verdict is valid for: the device's name, arch, index and driver."""
+    if device.type != "cuda":
+        return str(device)
+    return _cuda_key(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_key(index: int) -> str:  # memoised: read on every call of a kernel op
+    return (f"{torch.cuda.get_device_name(index)} {device_arch(torch.device('cuda', index))} "
+            f"cuda:{index} driver {_driver_version()}")
+
+
+def nvrtc_loader(spec: KernelSpec, device: torch.device):
+    compiled = nvrtc.compile_cubin(render_source(spec), spec.name, device_arch(device))
+    return Loaded(spec, compiled, device)
+
+
+def hopper_loader(spec: KernelSpec, config: HopperConfig, device: torch.device):
+    from .tma import HopperLoaded  # the driver's tensor maps: only where a GPU is
+
+    return HopperLoaded(spec, config, hopper.compile_hopper(spec, config), device)
+
+
+def arch_of(device: torch.device) -> str | None:
+    """The device's ``sm_XY``, or None off CUDA."""
+    return device_arch(device) if device.type == "cuda" else None
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+class Runtime:
+    """Decision state of the generated kernels: per (call, device) what runs (:class:`Decision`),
+    per (kernel, device) the verification verdict, per call what ran last (:class:`Record`).
+
+    ``loader(spec, device)`` gives a launcher (default: NVRTC + ``launch.Loaded``), and
+    ``hopper(spec, config, device)`` one of the Hopper kernel (default: NVRTC for sm_90a +
+    ``tma.HopperLoaded``); ``arch(device)`` the device's architecture, which decides whether
+    the Hopper candidates are tried (default: the CUDA capability, None elsewhere);
+    ``nvrtc_available`` whether NVRTC can compile (default: ``nvrtc.available()``);
+    ``devices`` the device types the generated kernels run on; ``timer(fn)`` milliseconds per
+    call (default: CUDA events). Tests pass a NumPy-model loader and CPU to drive every path."""
+
+    def __init__(self, loader=nvrtc_loader, nvrtc_available: bool | None = None,
+                 devices: tuple[str, ...] = ("cuda",), timer=cuda_timer,
+                 hopper=hopper_loader, arch=arch_of):
+        self.loader = loader
+        self.hopper = hopper
+        self.arch = arch
+        self.nvrtc_available = nvrtc.available() if nvrtc_available is None else nvrtc_available
+        self.devices = devices
+        self.timer = timer
+        self.decisions: dict[tuple, Decision] = {}
+        self.verdicts: dict[tuple, verify.Verdict] = {}
+        self.last: dict[tuple, Record] = {}
+        self._loaded: dict[tuple, object] = {}
+        self._logged: set[str] = set()
+        self._lock = threading.RLock()
+
+    def _log_once(self, level: int, msg: str) -> None:
+        if msg not in self._logged:
+            self._logged.add(msg)
+            log.log(level, msg)
+
+    def launcher(self, variant: Variant, device: torch.device):
+        key = (variant, str(device))
+        if key not in self._loaded:
+            self._loaded[key] = (self.loader(variant.spec, device) if variant.hopper is None
+                                 else self.hopper(variant.spec, variant.hopper, device))
+        return self._loaded[key]
+
+    def launch(self, call: Call, variant: Variant, x, y, bias, scale, alloc=None):
+        return launch_result(self.launcher(variant, x.device), call, variant.spec, x, y, bias,
+                             scale, alloc)
+
+    # -- per call -------------------------------------------------------------------------------
+
+    def run(self, call: Call, mode: str, autotune: bool, x, y, bias, scale) -> torch.Tensor:
+        if (bias is not None) != call.has_bias or (scale is not None) != call.has_scale:
+            raise KernelError(f"kernel {call.spec.name}: called with bias={bias is not None}, "
+                              f"scale={scale is not None}; it was built for "
+                              f"bias={call.has_bias}, scale={call.has_scale}")
+        key = (call, mode, autotune)
+        if x.device.type not in self.devices:
+            self.last[key] = Record(KernelState.REFERENCE, f"tensors on {x.device.type}, no GPU")
+            return reference_result(call, x, y, bias, scale)
+        if not self.nvrtc_available:
+            if mode == "on":
+                raise KernelError(f"Policy(kernels='on') on {x.device.type}: {NO_NVRTC}; install "
+                                  "it, or use kernels='auto' (the library op) or 'off'")
+            self._log_once(logging.WARNING, f"generated kernels: {NO_NVRTC}; kernels='auto' "
+                                            "runs the library ops in low precision")
+            self.last[key] = Record(KernelState.LIBRARY, NO_NVRTC)
+            return library_result(call, x, y, bias, scale)
+        dkey = (key, device_key(x.device))
+        with self._lock:
+            dec = self.decisions.get(dkey)
+            if dec is None:
+                dec = self.decisions[dkey] = self.decide(call, mode, autotune, dkey[1],
+                                                         x, y, bias, scale)
+        if dec.state is KernelState.KERNEL:
+            try:
+                out = self.launch(call, dec.variant, x, y, bias, scale)
+            except Exception as e:  # noqa: BLE001 - fall back loudly, never silently wrong
+                why = f"launch failed: {_first_line(e)}"
+                self._log_once(logging.WARNING, f"kernel {dec.spec.name} ({dec.variant.label}): "
+                                                f"{why}; using the library op")
+                dec = self.decisions[dkey] = Decision(KernelState.LIBRARY, why)
+            else:
+                self.last[key] = Record(dec.state, dec.detail, dec.timings)
+                return out
+        self.last[key] = Record(dec.state, dec.detail, dec.timings)
+        return library_result(call, x, y, bias, scale)
+
+    def verdict(self, call: Call, variant: Variant, dkey: str, device) -> verify.Verdict:
+        """The verification verdict of ``variant`` on the device (computed once per device
+        key)."""
+        spec = variant.spec
+        problem = dataclasses.replace(call.problem, spec=spec)
+        key = (problem, variant.hopper, dkey)
+        if key not in self.verdicts:
+            def launch(a, b, bias, scale, alloc):
+                return self.launch(call, variant, a, b, bias, scale, alloc)
+
+            try:
+                v = verify.verify(problem, launch, device)
+            except Exception as e:  # noqa: BLE001 - a kernel that cannot run fails its check
+                v = verify.Verdict(False, f"could not run: {_first_line(e)}")
+            if not v.ok:
+                self._log_once(logging.WARNING, f"kernel {spec.name} ({variant.label}) "
+                                                f"failed verification on {dkey}: {v.detail}")
+            self.verdicts[key] = v
+        return self.verdicts[key]
+
+    def decide(self, call: Call, mode: str, autotune: bool, dkey: str, x, y, bias,
+               scale) -> Decision:
+        """Verify the candidates, time the passing ones (and, under "auto", the library)."""
+        arch = self.arch(x.device)
+        cands = candidates(call.spec, arch) if autotune else [Variant(call.spec)]
+        verdicts = [(c, self.verdict(call, c, dkey, x.device)) for c in cands]
+        passing = [(c, v) for c, v in verdicts if v.ok]
+        if not passing:
+            _, v = verdicts[0]
+            return Decision(KernelState.LIBRARY, f"the generated kernel failed verification: "
+                                                 f"{v.detail}")
+        if not autotune:
+            return Decision(KernelState.KERNEL, passing[0][1].detail, passing[0][0])
+        timings: dict[str, float] = {}
+        best: tuple[float, Variant | None, str] = (float("inf"), None, "")
+        for cand, v in passing:
+            try:
+                t = self.timer(lambda cand=cand: self.launch(call, cand, x, y, bias, scale))
+            except Exception as e:  # noqa: BLE001 - a candidate that fails is skipped
+                log.info("%s of %s failed while timing: %s", cand.label, call.spec.name, e)
+                continue
+            timings[_timing_key(cand)] = t
+            if t < best[0]:
+                best = (t, cand, v.detail)
+        t_lib = self.timer(lambda: library_result(call, x, y, bias, scale))
+        timings["library"] = t_lib
+        if best[1] is None:
+            return Decision(KernelState.LIBRARY, "every verified candidate failed when timed",
+                            timings=timings)
+        if mode == "auto" and t_lib < best[0]:
+            return Decision(KernelState.LIBRARY,
+                            f"cuBLAS/cuDNN via torch: {t_lib:.3f} ms < verified kernel "
+                            f"{best[0]:.3f} ms", timings=timings)
+        what = (f"tile {tile_name(best[1].spec)}" if best[1].hopper is None
+                else best[1].label)
+        return Decision(KernelState.KERNEL,
+                        f"{what} autotuned: {best[0]:.3f} ms, library "
+                        f"{t_lib:.3f} ms; {best[2]}", best[1], timings)
+
+
+def _timing_key(v: Variant) -> str:
+    return f"kernel {tile_name(v.spec)}" if v.hopper is None else f"kernel {v.label}"
+
+
+_DEFAULT: list[Runtime] = []  # the process's runtime, created on first use
+_CURRENT: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar(
+    "mpcompile_kernel_runtime", default=None)
+_DEFAULT_LOCK = threading.Lock()
+
+
+def runtime() -> Runtime:
+    """The runtime the kernel op uses here: the one :func:`using` made current, else the
+    process's default (created on first use)."""
+    current = _CURRENT.get()
+    if current is not None:
+        return current
+    with _DEFAULT_LOCK:
+        if not _DEFAULT:
+            _DEFAULT.append(Runtime())
+        return _DEFAULT[0]
+
+
+@contextlib.contextmanager
+def using(rt: Runtime) -> Iterator[Runtime]:
+    """Run kernel ops under ``rt`` (its own decisions and verdicts) inside the block."""
+    token = _CURRENT.set(rt)
+    try:
+        yield rt
+    finally:
+        _CURRENT.reset(token)
+
+
+# --- the module -------------------------------------------------------------------------------
 
 
 class KernelCall(torch.nn.Module):
     """Arguments by ``role`` (the spec's kind): GEMM a, b[, bias][, scale]; CONV_FPROP x, w[,
-    bias][, scale]; CONV_DGRAD grad_out, w[, scale]; CONV_WGRAD grad_out, x[, scale]."""
+    bias][, scale]; CONV_DGRAD grad_out, w[, scale]; CONV_WGRAD grad_out, x[, scale].
+    ``mode``: ``Policy.kernels`` ("auto" or "on"). ``state``, ``detail``, ``timings`` and
+    ``backend`` read what the current :func:`runtime` recorded for this call."""
 
     def __init__(self, spec: KernelSpec, has_bias: bool, has_scale: bool,
-                 conv: ConvArgs | None = None, final: str | None = None):
+                 conv: ConvArgs | None = None, final: str | None = None, mode: str = "auto"):
         super().__init__()
-        self.spec = spec
+        if mode not in ("auto", "on"):
+            raise KernelError(f"KernelCall(mode={mode!r}): use 'auto' or 'on'")
+        self.has_bias, self.has_scale, self.conv, self.mode = has_bias, has_scale, conv, mode
         # the dtype the graph expects: split-K results are summed in FP32, then rounded once
-        self.final = from_name(final or spec.epilogue.out)
-        self.has_bias = has_bias
-        self.has_scale = has_scale
-        self.conv = conv
-        self.state = KernelState.NOT_RUN
-        self.detail = ""
-        self.autotune = True  # on the first CUDA call: time the tile presets and the library
-        self.timings: dict[str, float] = {}  # candidate -> milliseconds
-        self._decision: tuple[KernelState, str] | None = None  # KERNEL/LIBRARY on CUDA
-        self._loaded: dict = {}
-        self._failed: str | None = None
+        self.final = final or spec.epilogue.out
+        self.autotune = True  # on the first CUDA use: verify and time the tile presets
+        self.spec = spec
+
+    @property
+    def spec(self) -> KernelSpec:
+        return self._call.spec
+
+    @spec.setter
+    def spec(self, spec: KernelSpec) -> None:
+        self._call = Call(spec, self.has_bias, self.has_scale, self.conv, self.final)
+        self.call = encode(self._call)
 
     @property
     def role(self) -> Kind:
         return self.spec.kind
+
+    def _record(self) -> Record | None:
+        return runtime().last.get((self._call, self.mode, self.autotune))
+
+    @property
+    def state(self) -> KernelState:
+        r = self._record()
+        return r.state if r else KernelState.NOT_RUN
+
+    @property
+    def detail(self) -> str:
+        r = self._record()
+        return r.detail if r else ""
+
+    @property
+    def timings(self) -> dict[str, float]:
+        r = self._record()
+        return dict(r.timings) if r else {}
 
     @property
     def backend(self) -> str:
@@ -76,197 +533,19 @@ class KernelCall(torch.nn.Module):
         return f"{self.state.value} ({self.detail})" if self.detail else self.state.value
 
     def extra_repr(self) -> str:
-        return f"{self.spec.name}, role={self.role.value}, backend={self.backend!r}"
-
-    # -- dispatch ------------------------------------------------------------------------------
+        return f"{self.spec.name}, role={self.role.value}, mode={self.mode}"
 
     def forward(self, *args):
         x, y, rest = args[0], args[1], list(args[2:])
         bias = rest.pop(0) if self.has_bias else None
         scale = rest.pop(0) if self.has_scale else None
-        reason = self._why_not_gpu(x, y)
-        if reason is None:
-            try:
-                if self._decision is None:
-                    self._first_use(x, y, bias, scale)
-                self.state, self.detail = self._decision
-                if self.state is KernelState.LIBRARY:
-                    return self._library(x, y, bias, scale).to(self.final)
-                return self._gpu(x, y, bias, scale).to(self.final)
-            except Exception as e:  # noqa: BLE001 - fall back loudly, never silently wrong
-                self._failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                log.warning("kernel %s failed (%s); running the torch reference instead",
-                            self.spec.name, self._failed)
-                reason = self._failed
-        if not is_fake(x):
-            self.state, self.detail = KernelState.REFERENCE, reason
-        return self._reference(x, y, bias, scale).to(self.final)
-
-    def _why_not_gpu(self, x: torch.Tensor, y: torch.Tensor) -> str | None:
-        if is_fake(x) or is_fake(y):
-            return "fake tensors"
-        if not x.is_cuda:
-            return f"tensors on {x.device.type}, no GPU"
-        if self._failed:
-            return self._failed
-        if not nvrtc.available():
-            return "NVRTC not installed (pip install mpcompile[gpu])"
-        return None
-
-    # -- reference -----------------------------------------------------------------------------
-
-    def _reference(self, x, y, bias, scale):
-        sp, ep, cv = self.spec, self.spec.epilogue, self.conv
-        if self.role is Kind.GEMM:
-            return reference.gemm(x, y, ep, sp.dtype, bias, scale)
-        if self.role is Kind.CONV_FPROP:
-            return reference.conv_fprop(x, y, ep, sp.dtype, cv.stride, cv.padding,
-                                        cv.dilation, bias, scale)
-        if self.role is Kind.CONV_DGRAD:
-            return reference.conv_dgrad(x, y, cv.input_shape, ep, sp.dtype, cv.stride,
-                                        cv.padding, cv.dilation, scale)
-        return reference.conv_wgrad(x, y, cv.weight_shape, ep, sp.dtype, cv.stride,
-                                    cv.padding, cv.dilation, scale)
-
-    # -- GPU -------------------------------------------------------------------------------------
-
-    def _library(self, x, y, bias, scale):
-        """The same op through torch's CUDA libraries (cuBLAS/cuDNN) in the operand dtype, then
-        the epilogue in FP32 (one extra rounding, before the epilogue)."""
-        sp, cv = self.spec, self.conv
-        if self.role is Kind.GEMM:
-            acc = torch.matmul(x, y)
-        elif self.role is Kind.CONV_FPROP:
-            acc = torch.nn.functional.conv2d(x, y, None, cv.stride, cv.padding, cv.dilation)
-        elif self.role is Kind.CONV_DGRAD:
-            acc = torch.nn.grad.conv2d_input(list(cv.input_shape), y, x, cv.stride,
-                                             cv.padding, cv.dilation)
-        else:
-            acc = torch.nn.grad.conv2d_weight(y, list(cv.weight_shape), x, cv.stride,
-                                              cv.padding, cv.dilation)
-        channel_dim = {Kind.GEMM: -1, Kind.CONV_WGRAD: 0}.get(self.role, 1)  # where N lies
-        return reference.apply_epilogue(acc.to(torch.float32), sp.epilogue, sp.dtype, bias, scale,
-                                        channel_dim=channel_dim)
-
-    def _first_use(self, x, y, bias, scale) -> None:
-        """Autotune (optional), then check the kernel's result against the library op on the
-        same inputs: beyond ``CHECK_UNITS`` units of rounding of the output, this call switches
-        to the library for good, and says so."""
-        tuned = self._tune(x, y, bias, scale) if self.autotune else None
-        if tuned is not None and tuned[0] is KernelState.LIBRARY:
-            self._decision = tuned
-            return
-        got = self._gpu(x, y, bias, scale).to(torch.float32)
-        want = self._library(x, y, bias, scale).to(torch.float32)
-        u = unit_roundoff(self.spec.dtype)
-        err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
-        if not err <= CHECK_UNITS * u:  # also catches NaN
-            detail = (f"the generated kernel's result differed from cuBLAS/cuDNN by "
-                      f"{err / u:.1f} u on first use")
-            log.warning("kernel %s: %s; using the library op", self.spec.name, detail)
-            self._decision = (KernelState.LIBRARY, detail)
-            return
-        checked = f"checked on first use: {err / u:.2f} u"
-        self._decision = (KernelState.KERNEL,
-                          f"{tuned[1]}; {checked}" if tuned is not None else checked)
-
-    def _tune(self, x, y, bias, scale) -> tuple[KernelState, str]:
-        """Time the generated kernel with each preset tile that fits, and the library op; keep
-        the fastest (recorded in ``timings``); (state, detail) of the winner."""
-
-        def ms(fn) -> float:
-            for _ in range(2):
-                fn()
-            start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-            start.record()
-            for _ in range(5):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 5
-
-        best = (float("inf"), None, None)
-        for name, tile in TILES.items():
-            try:
-                spec = dataclasses.replace(self.spec, tile=tile)
-            except SpecError:
-                continue  # this tile cannot build this problem
-            saved = self.spec, self._loaded
-            self.spec, self._loaded = spec, {}
-            try:
-                t = ms(lambda: self._gpu(x, y, bias, scale))
-                self.timings[f"kernel {name}"] = t
-                if t < best[0]:
-                    best = (t, spec, self._loaded)
-            except Exception as e:  # noqa: BLE001 - a candidate that fails is skipped
-                log.info("tile %s failed for %s: %s", name, saved[0].name, e)
-            finally:
-                self.spec, self._loaded = saved
-        t_lib = ms(lambda: self._library(x, y, bias, scale))
-        self.timings["library"] = t_lib
-        if best[1] is None or t_lib < best[0]:
-            return KernelState.LIBRARY, (f"cuBLAS/cuDNN via torch: {t_lib:.3f} ms"
-                                         + (f" < kernel {best[0]:.3f} ms" if best[1] else ""))
-        self.spec, self._loaded = best[1], best[2]
-        t = self.spec.tile
-        return KernelState.KERNEL, (f"tile {t.bm}x{t.bn}x{t.bk} autotuned: {best[0]:.3f} ms, "
-                                    f"library {t_lib:.3f} ms")
-
-    def _kernel(self, device: torch.device):
-        key = (device.index,)
-        if key not in self._loaded:
-            compiled = nvrtc.compile_cubin(render_source(self.spec), self.spec.name,
-                                           device_arch(device))
-            self._loaded[key] = Loaded(self.spec, compiled, device)
-        return self._loaded[key]
-
-    def _gpu(self, x, y, bias, scale):
-        sp, dev = self.spec, x.device
-        out_dtype = from_name(sp.epilogue.out)
-        splits = (sp.split_k,) if sp.split_k > 1 else ()  # FP32 partials, summed below
-        if bias is not None:
-            bias = bias.contiguous()
-        if scale is not None:
-            scale = scale.to(torch.float32).contiguous()
-        if self.role is Kind.GEMM:
-            a, b = self._operand(x, "a"), self._operand(y, "b")
-            shape = (sp.batch, sp.m, sp.n) if sp.batch > 1 else (sp.m, sp.n)
-            c = torch.empty(splits + shape, dtype=out_dtype, device=dev)
-            self._kernel(dev)(a, b, c, bias, scale)
-            return c.sum(0) if splits else c
-        cv = sp.conv
-        nhwc = lambda t: t.permute(0, 2, 3, 1).contiguous()  # noqa: E731
-        shape = {Kind.CONV_FPROP: (cv.n, cv.p, cv.q, cv.k),
-                 Kind.CONV_DGRAD: (cv.n, cv.h, cv.w, cv.c),
-                 Kind.CONV_WGRAD: (cv.k, cv.r, cv.s, cv.c)}[self.role]
-        c = torch.empty(splits + shape, dtype=out_dtype, device=dev)
-        self._kernel(dev)(nhwc(x), nhwc(y), c, bias if self.role is Kind.CONV_FPROP else None,
-                          scale)
-        if splits:
-            c = c.sum(0)
-        return c.permute(0, 3, 1, 2)
-
-    def _operand(self, t: torch.Tensor, which: str) -> torch.Tensor:
-        """The operand with the strides the kernel was generated for (a copy only if the
-        runtime tensor's layout differs from the captured one)."""
-        sp = self.spec
-        layout = sp.a_layout if which == "a" else sp.b_layout
-        ld = sp.lda if which == "a" else sp.ldb
-        # row: element [i, j] at i*ld + j; col: at j*ld + i (for A [m, k] and B [k, n] alike)
-        ld_dim = -2 if layout == "row" else -1
-        want_stride = [0] * t.dim()
-        want_stride[ld_dim] = ld
-        want_stride[-1 if ld_dim == -2 else -2] = 1
-        if t.dim() == 3:
-            want_stride[0] = sp.batch_stride_a if which == "a" else sp.batch_stride_b
-        if list(t.stride()) != want_stride or t.data_ptr() % 16:
-            fixed = (t.contiguous() if layout == "row"
-                     else t.transpose(-1, -2).contiguous().transpose(-1, -2))
-            if list(fixed.stride()) != want_stride:
-                raise LaunchError(f"operand {which} strides {tuple(t.stride())} do not match "
-                                  f"the kernel's {tuple(want_stride)}")
-            return fixed
-        return t
+        # the OpOverload: ~170 us less per call than calling the CustomOpDef (measured, CPU)
+        return torch.ops.mpcompile.kernel.default(x, y, bias, scale, self.call, self.mode,
+                                                  self.autotune)
 
 
-__all__ = ["CHECK_UNITS", "ConvArgs", "KernelCall", "KernelState"]
+__all__ = ["ALIGN", "NO_NVRTC", "ConvArgs", "Decision", "KernelCall", "KernelState", "Record",
+           "Runtime", "Variant", "arch_of", "candidates", "channels_last_strides",
+           "check_launchable", "contiguous_strides", "device_key", "hopper_loader",
+           "launch_result", "library_result", "nvrtc_loader", "realign", "reference_result",
+           "runtime", "using"]
