@@ -616,18 +616,35 @@ def test_on_sm90_the_hopper_kernel_is_a_verified_candidate():
     from mpcompile.runtime.kernel import candidates
 
     call = gemm_call(72, 136, 40, ("bias_n", "relu"))
-    labels = [v.label for v in candidates(call.spec, "sm_90")]
+    labels = [v.label for v in candidates(call.spec, "sm_90", unproven=True)]
     assert [lb for lb in labels if lb.startswith("wgmma")] == [
         f"wgmma {c.bm}x{c.bn}x{c.bk}" for c in PRESETS]
     assert not any(lb.startswith("wgmma") for lb in
-                   (v.label for v in candidates(call.spec, "sm_80")))
+                   (v.label for v in candidates(call.spec, "sm_80", unproven=True)))
     rt = _hopper_runtime(HopperModelLauncher, {"wgmma 128x128x64": 0.2})
-    out, ops = _run(rt, call)
-    rec = rt.last[(call, "auto", True)]
+    out, ops = _run(rt, call, mode="on")
+    rec = rt.last[(call, "on", True)]
     assert rec.state is KernelState.KERNEL and rec.detail.startswith("wgmma 128x128x64 autotuned")
     assert {"kernel wgmma 128x256x64", "kernel wgmma 128x128x64"} <= set(rec.timings)
     assert all(v.ok for v in rt.verdicts.values())
     assert relerr(out, reference_result(call, *ops)) <= U16
+
+
+def test_auto_tries_the_hopper_kernel_only_where_a_gpu_run_proved_it(monkeypatch):
+    """Policy(kernels="auto") leaves the never-run wgmma kernel out (an mbarrier mistake
+    would hang, not fail verification) until ``hopper.PROVEN_ON`` lists the arch."""
+    from mpcompile.codegen import hopper
+    from mpcompile.codegen.hopper_model import HopperModelLauncher
+
+    call = gemm_call(72, 136, 40)
+    assert hopper.PROVEN_ON == ()
+    rt = _hopper_runtime(HopperModelLauncher, {"wgmma 128x128x64": 0.2})
+    _run(rt, call)
+    assert not any("wgmma" in k for k in rt.last[(call, "auto", True)].timings)
+    monkeypatch.setattr(hopper, "PROVEN_ON", ("sm_90",))
+    rt = _hopper_runtime(HopperModelLauncher, {"wgmma 128x128x64": 0.2})
+    _run(rt, call)
+    assert rt.last[(call, "auto", True)].detail.startswith("wgmma 128x128x64 autotuned")
 
 
 def test_a_wrong_hopper_kernel_is_never_chosen():

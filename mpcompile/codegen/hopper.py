@@ -124,6 +124,13 @@ class HopperConfig:
 
 PRESETS = (HopperConfig(), HopperConfig(bn=128, stages=6))
 
+# The architectures on which scripts/gpu_check.py has passed this kernel. Unlike the mma.sync
+# kernel, whose waits cannot block forever, this one spins on mbarriers: a protocol mistake
+# hangs the launch instead of giving a wrong answer that verification would catch. So
+# Policy(kernels="auto") tries it only on an architecture listed here; kernels="on" tries it
+# wherever ``supports`` allows. Empty until a GPU run passes it.
+PROVEN_ON: tuple[str, ...] = ()
+
 
 @dataclass(frozen=True)
 class OperandPlan:

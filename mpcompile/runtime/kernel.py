@@ -16,7 +16,9 @@ implementation, autograd formula), whose implementation is :meth:`Runtime.run`:
   ``KernelCall.backend``. Never the FP32 reference on a GPU, never an unverified kernel.
   The candidates (:func:`candidates`, each a :class:`Variant`) are the sm_80+ mma.sync kernel
   with each preset tile and, on an sm_90 device, the Hopper wgmma/TMA kernel
-  (``codegen/hopper.py``) with each of its presets when ``hopper.supports`` the spec.
+  (``codegen/hopper.py``) with each of its presets when ``hopper.supports`` the spec: under
+  ``"auto"`` only once a GPU run has proven it there (``hopper.PROVEN_ON``: a wrong mbarrier
+  protocol would hang rather than fail verification), under ``"on"`` always.
 
 Operands are realigned before a launch (:func:`realign`): a tensor whose strides differ from
 the spec's or whose address is not 16-byte aligned is copied to fresh storage, GEMM operands and
@@ -224,9 +226,11 @@ def launch_result(launcher, call: Call, spec: KernelSpec, x, y, bias, scale,
     return out.to(from_name(call.final)).contiguous()
 
 
-def candidates(spec: KernelSpec, arch: str | None = None) -> list[Variant]:
+def candidates(spec: KernelSpec, arch: str | None = None,
+               unproven: bool = False) -> list[Variant]:
     """``spec``'s mma.sync kernel, the same with every other preset tile that can build the
-    problem, and on ``arch`` sm_90 the Hopper kernel with each preset it supports."""
+    problem, and on ``arch`` sm_90 the Hopper kernel with each preset it supports: if
+    ``hopper.PROVEN_ON`` lists the arch, or ``unproven`` (``Policy(kernels="on")``)."""
     out = [Variant(spec)]
     for tile in TILES.values():
         try:
@@ -235,7 +239,8 @@ def candidates(spec: KernelSpec, arch: str | None = None) -> list[Variant]:
             continue
         if cand not in out:
             out.append(cand)
-    if arch in ("sm_90", "sm_90a") and hopper.supports(spec) is None:
+    proven = arch in hopper.PROVEN_ON or unproven
+    if arch in ("sm_90", "sm_90a") and proven and hopper.supports(spec) is None:
         out += [Variant(spec, config) for config in hopper.PRESETS]
     return out
 
@@ -408,7 +413,8 @@ class Runtime:
                scale) -> Decision:
         """Verify the candidates, time the passing ones (and, under "auto", the library)."""
         arch = self.arch(x.device)
-        cands = candidates(call.spec, arch) if autotune else [Variant(call.spec)]
+        cands = (candidates(call.spec, arch, unproven=mode == "on") if autotune
+                 else [Variant(call.spec)])
         verdicts = [(c, self.verdict(call, c, dkey, x.device)) for c in cands]
         passing = [(c, v) for c, v in verdicts if v.ok]
         if not passing:
