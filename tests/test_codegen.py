@@ -4,6 +4,7 @@ mapping functions the renderer emits) against float64 matmuls and torch convolut
 shapes; spec validation; source snapshots (change detectors only); NVRTC -> cubin with no spills,
 registers within the tile's budget and HMMA.16816.F32 only (default: one model's kernels, sm_80;
 ``-m slow``: every lowered kernel of every test model, sm_80 and sm_90)."""
+import dataclasses
 import math
 import os
 import sys
@@ -16,10 +17,11 @@ import torch
 import mpcompile
 from mpcompile import Policy
 from mpcompile.codegen import mapping as mp
-from mpcompile.codegen import model
+from mpcompile.codegen import model, tiles
 from mpcompile.codegen.epilogue import NAMES, OPS, Operands
 from mpcompile.codegen.render import render_source
-from mpcompile.codegen.spec import Conv, Epilogue, KernelSpec, Kind, SpecError, Tile
+from mpcompile.codegen.schedule import Event, ModelCheckError, Op, Schedule
+from mpcompile.codegen.spec import SMEM_LIMIT, Conv, Epilogue, KernelSpec, Kind, SpecError, Tile
 from mpcompile.codegen.tiles import TILES
 from mpcompile.errors import KernelError
 from mpcompile.examples import EXAMPLES, batch
@@ -154,6 +156,52 @@ def test_model_split_k_with_scale():
     np.testing.assert_allclose(out, 0.25 * (a @ b), rtol=1e-12, atol=1e-12)
 
 
+def _with(schedule: Schedule, part: str, events) -> Schedule:
+    return dataclasses.replace(schedule, **{part: tuple(events)})
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_pipeline_schedule_mutations_fail_the_model(stages):
+    """Not a snapshot: the model executes the schedule the renderer emits, event by event, and
+    tracks each stage buffer. The correct schedule matches a float64 matmul; a wait that leaves
+    one group too many in flight (stages-1) reads a stage before its copies complete; with the
+    barrier removed, no warp may read another's copies; with the barrier moved after the refill,
+    a stage is refilled while other warps may still read it; without the drain's wait, copies
+    are still in flight at the epilogue; without its barrier, the epilogue's staging overwrites
+    stages other warps may still read."""
+    m, n, k = 40, 48, 160  # 5 k-tiles of 32: every stage of the ring is reused
+    a, b = _low(rng.standard_normal((m, k))), _low(rng.standard_normal((k, n)))
+    spec = KernelSpec("gemm", "float16", m, n, k, tile=Tile(32, 32, 32, 1, 2, stages),
+                      epilogue=Epilogue((), "float32"), lda=k, ldb=n, ldc=n)
+    good = spec.schedule
+    assert good == Schedule.for_stages(stages, smem_epilogue=True)
+    out = model.run(spec, a.ravel(), b.ravel(), schedule=good).reshape(m, n)
+    np.testing.assert_allclose(out, a @ b, rtol=1e-12, atol=1e-12)
+    src = render_source(spec, good)
+    assert src == render_source(spec) and f"cp_async_wait<{stages - 2}>();" in src
+    wrong_wait = _with(good, "body", [Event(Op.WAIT, stages - 1) if e.op is Op.WAIT else e
+                                      for e in good.body])
+    no_barrier = _with(good, "body", [e for e in good.body if e.op is not Op.BARRIER])
+    refill_first = _with(good, "body", [Event(Op.WAIT, stages - 2), Event(Op.LOAD, stages - 1),
+                                        Event(Op.COMMIT), Event(Op.BARRIER), Event(Op.COMPUTE)])
+    no_drain = _with(good, "drain", [e for e in good.drain if e.op is not Op.WAIT])
+    no_drain_barrier = _with(good, "drain", [e for e in good.drain if e.op is not Op.BARRIER])
+    for bad, why in ((wrong_wait, "read for k-tile .* before its copies completed"),
+                     (no_barrier, "before a barrier made them visible"),
+                     (refill_first, "overwritten while being read"),
+                     (no_drain, "still in flight"),
+                     (no_drain_barrier, "reused by the epilogue while warps may still read")):
+        with pytest.raises(ModelCheckError, match=why):
+            model.run(spec, a.ravel(), b.ravel(), schedule=bad)
+        assert render_source(spec, bad) != src  # the renderer emits what the model ran
+    assert f"cp_async_wait<{stages - 1}>();" in render_source(spec, wrong_wait)
+    # copies issued before the barrier that follows their wait are not visible to other warps
+    late_barrier = _with(good, "body", [Event(Op.WAIT, stages - 2), Event(Op.LOAD, stages - 1),
+                                        Event(Op.COMMIT), Event(Op.COMPUTE), Event(Op.BARRIER)])
+    with pytest.raises(ModelCheckError, match="before a barrier made them visible"):
+        model.run(spec, a.ravel(), b.ravel(), schedule=late_barrier)
+
+
 CONVS = [
     Conv(2, 7, 6, 8, 16, 3, 3, (1, 1), (1, 1), (1, 1)),
     Conv(1, 9, 9, 16, 8, 3, 3, (2, 2), (1, 1), (1, 1)),
@@ -220,6 +268,70 @@ def test_impossible_specs_are_rejected(make, match):
     assert issubclass(SpecError, KernelError) and issubclass(SpecError, ValueError)
 
 
+# --- grid limits and index widths --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tiles_m,tiles_n", [(1, 1), (3, 5), (8, 2), (17, 3), (100, 1)])
+def test_block_raster_is_a_bijection_in_groups_of_tile_rows(tiles_m, tiles_n):
+    """Each linear block id maps to one (tile row, tile column, z) and back; consecutive blocks
+    walk ``group`` tile rows column by column (what puts B columns in L2 for 8 A rows)."""
+    z = 3
+    bid = np.arange(tiles_m * tiles_n * z)
+    tm, tn, tz = mp.block_coords(bid, tiles_m, tiles_n, 8)
+    assert sorted(zip(tz.tolist(), tm.tolist(), tn.tolist())) == [
+        (c, i, j) for c in range(z) for i in range(tiles_m) for j in range(tiles_n)]
+    first = min(8, tiles_m)
+    assert set(tm[: first * tiles_n].tolist()) == set(range(first))
+    assert tn[:first].tolist() == [0] * first
+
+
+def _grid_ok(spec: KernelSpec) -> None:
+    gx, gy, gz = spec.grid()
+    assert 0 < gx <= 2**31 - 1 and gy <= 65535 and gz <= 65535
+    assert gx * gy * gz == spec.tiles_m * spec.tiles_n * spec.batch * spec.split_k
+
+
+HUGE = {  # what the old (N, M, batch x split) grid and 32-bit offsets could not launch
+    "fprop_n512_112": tiles.conv_spec(Kind.CONV_FPROP, "float16",
+                                      Conv(512, 112, 112, 64, 64, 3, 3, (1, 1), (1, 1))),
+    "logits_32768x128256": gc.gemm_spec("bfloat16", 32768, 128256, 4096, "row", "col"),
+}
+
+
+def test_grid_and_index_widths_of_huge_problems():
+    fprop, logits = HUGE["fprop_n512_112"], HUGE["logits_32768x128256"]
+    assert fprop.tiles_m > 65535  # a y dimension of tile rows would not launch
+    assert logits.m * logits.n > 2**31 - 1  # 32-bit output offsets would wrap
+    for spec in HUGE.values():
+        _grid_ok(spec)
+    assert [logits.wide_index(o) for o in "abc"] == [False, False, True]
+    assert not any(fprop.wide_index(o) for o in "abc")  # 411 M elements: 32-bit math suffices
+    src = render_source(logits)
+    assert "((((long long)row) * 128256) + col)" in src  # the output offset
+    assert "  int a_off[" in src and "  int b_off[" in src  # the operands' copy offsets
+    # an operand past 2^31 elements (a 70000 x 40000 A) gets 64-bit loader offsets
+    big_a = gc.gemm_spec("float16", 70000, 256, 40000, "row", "row")
+    assert big_a.wide_index("a") and not big_a.wide_index("b")
+    src = render_source(big_a)
+    assert "long long a_off[" in src and "a_off[i] = ok ? ((((long long)g_mn) * 40000)" in src
+    assert "  int b_off[" in src
+    small = SNAPSHOT_SPECS["gemm_f16_nt_bias_relu"]
+    src = render_source(small)
+    assert "long long a_off" not in src and "long long b_off" not in src
+    assert "(long long)row" not in src and "(long long)g_" not in src
+    with pytest.raises(SpecError, match="2\\^31-1"):
+        KernelSpec("gemm", "float16", 2**31 - 8, 64, 64, lda=64, ldb=64, ldc=64)
+
+
+@needs_nvrtc
+def test_huge_problems_compile(tmp_path, monkeypatch):
+    """NVRTC accepts the 64-bit index code (sm_80, no spills)."""
+    monkeypatch.setenv("MPCOMPILE_CACHE", str(tmp_path))
+    for spec in HUGE.values():
+        c = nvrtc.compile_cubin(render_source(spec), spec.name, "sm_80")
+        assert c.info.registers > 0 and not (c.info.spill_stores or c.info.stack_frame), c.info
+
+
 # --- generated source -------------------------------------------------------------------------
 
 
@@ -278,9 +390,16 @@ def lowered_specs(names, lows) -> dict[str, KernelSpec]:
 
 
 def _check_cubin(spec: KernelSpec, arch: str) -> None:
-    """No spills or stack, registers within ``gc.register_budget`` (a real bound: unrolling the
-    K loop twice trips it), shared memory within the arch, HMMA.16816.F32 only."""
-    assert not gc.cubin_problems(spec, arch), (spec.name, arch, gc.cubin_problems(spec, arch))
+    """No spills or stack, registers within ``tiles.register_budget`` (a real bound: unrolling
+    the K loop twice trips it), shared memory within the arch, HMMA.16816.F32 only."""
+    c = nvrtc.compile_cubin(render_source(spec), spec.name, arch)
+    info = c.info
+    assert not (info.spill_stores or info.spill_loads or info.stack_frame), (spec.name, info)
+    budget = tiles.register_budget(spec.tile, min(spec.vec_a, spec.vec_b) == 1)
+    assert 0 < info.registers <= budget, (spec.name, arch, info)
+    assert spec.smem_bytes <= SMEM_LIMIT[arch]
+    mma = set(sass.mma_instructions(sass.disassemble(c.cubin)))
+    assert mma and all(i.startswith("HMMA.16816.F32") for i in mma), (spec.name, mma)
 
 
 EXTRA_SPECS = {  # what the test models do not reach: the large preset, every epilogue op
@@ -304,6 +423,70 @@ def test_representative_kernels_compile(tmp_path, monkeypatch):
         _check_cubin(spec, "sm_80")
     spec = next(iter(specs.values()))  # the disk cache answers a second request
     assert nvrtc.compile_cubin(render_source(spec), spec.name, "sm_80").cached
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_large_gemm_main_loop_from_sass(dtype, tmp_path, monkeypatch):
+    """The 4096^3 GEMM's kernel (the large preset: 128x256x64, 64x64 warp tiles), read from the
+    SASS: HMMA is at least 40 % of the K loop's instructions (the copy offsets and predicates
+    are hoisted out of it), every global store of the epilogue is 128-bit, no spills."""
+    monkeypatch.setenv("MPCOMPILE_CACHE", str(tmp_path))
+    spec = gc.gemm_spec(dtype, 4096, 4096, 4096)
+    assert spec.tile == TILES["large"] and spec.c_vec == 8
+    c = nvrtc.compile_cubin(render_source(spec), spec.name, "sm_80")
+    text = sass.disassemble(c.cubin)
+    loop = sass.main_loop(text)
+    assert loop.hmma == 128 and loop.ldsm == 32 and loop.ldgsts == 12, loop
+    assert loop.hmma_share >= 0.40, loop
+    assert sass.global_stores(text) == {"STG.E.128": 16}
+    assert not (c.info.spill_stores or c.info.spill_loads or c.info.stack_frame), c.info
+
+
+def test_large_presets_on_ragged_shapes_through_the_model():
+    """The 64x64-warp-tile presets, ragged in M, N and K (bk 64), FP16 output through the
+    staged 16-byte epilogue (a ragged right edge: element stores) and FP32."""
+    m, n, k, ldc = 130, 260, 72, 264  # C rows padded to 16 bytes; N % 8 = 4
+    a, b = _low(rng.standard_normal((m, k))), _low(rng.standard_normal((k, n)))
+    bias = _low(rng.standard_normal(n))
+    for name, out in (("large", "float16"), ("wide", "float32")):
+        spec = KernelSpec("gemm", "float16", m, n, k, tile=TILES[name], b_layout="col", lda=k,
+                          ldb=k, ldc=ldc, epilogue=Epilogue(("bias_n", "relu"), out))
+        assert spec.ragged_k and spec.c_vec == 16 // spec.out_bytes
+        got = model.run(spec, a.ravel(), b.T.copy().ravel(), bias=bias)[: m * ldc]
+        got = got.reshape(m, ldc)[:, :n]
+        want = np.maximum(a @ b + bias, 0)
+        np.testing.assert_array_equal(got, _low(want) if out == "float16" else got)
+        np.testing.assert_allclose(got, want, rtol=1e-3 if out == "float16" else 1e-12,
+                                   atol=1e-12)
+
+
+def test_output_vector_width_and_smem_budget():
+    base = dict(lda=64, ldb=64, epilogue=Epilogue((), "float16"))
+    assert KernelSpec("gemm", "float16", 64, 64, 64, ldc=64, **base).c_vec == 8
+    assert KernelSpec("gemm", "float16", 64, 60, 64, ldc=60, b_layout="col",
+                      **base).c_vec == 1  # rows of C unaligned: element stores
+    f32 = KernelSpec("gemm", "float16", 64, 64, 64, ldc=68, lda=64, ldb=64,
+                     epilogue=Epilogue((), "float32"))
+    assert f32.c_vec == 4 and f32.out_bytes == 4
+    for tile in TILES.values():  # the FP32 staging buffers fit where the stage ring does
+        spec = KernelSpec("gemm", "float16", 4096, 4096, 4096, tile=tile, lda=4096, ldb=4096,
+                          ldc=4096, epilogue=Epilogue((), "float32"))
+        assert spec.smem_bytes <= SMEM_LIMIT["sm_80"]
+
+
+def test_split_k_fills_a_wave():
+    """A weight gradient's small output gets enough K slices to give every SM a CTA (from K
+    alone, ResNet-50's 14x14 3x3 wgrad at batch 32 got one slice: 36 CTAs on 132 SMs)."""
+    cv = Conv(32, 14, 14, 256, 256, 3, 3, (1, 1), (1, 1))
+    spec = tiles.conv_spec(Kind.CONV_WGRAD, "float16", cv)
+    ctas = spec.tiles_m * spec.tiles_n
+    assert tiles.choose_split_k(spec.k) == 1 and ctas < 132
+    assert spec.split_k > 1 and ctas * spec.split_k >= 132
+    assert spec.k_per_split >= 2 * spec.tile.bk and spec.epilogue.out == "float32"
+    assert tiles.choose_split_k(spec.k, spec.m, spec.n, spec.tile, sms=108) * ctas >= 108
+    assert tiles.choose_split_k(1 << 20, 8192, 8192, TILES["large"]) == 1  # already > a wave
+    assert tiles.choose_split_k(128, 32, 32, TILES["tiny"]) == 2  # two k-tiles a slice at least
 
 
 @pytest.mark.slow

@@ -110,5 +110,22 @@ def all_of(*conds):
     return out
 
 
+def minimum(a, b):
+    """The smaller of two int-like values (``min`` when rendered; element-wise on arrays)."""
+    if isinstance(a, Sym) or isinstance(b, Sym):
+        return Sym(f"min({_code(a)}, {_code(b)})")
+    if hasattr(a, "shape") or hasattr(b, "shape"):
+        import numpy as np
+
+        return np.minimum(a, b)
+    return min(a, b)
+
+
+def wide(x):
+    """``x`` as a 64-bit integer: a cast when rendered (the arithmetic it feeds is then 64-bit
+    in C++); Python ints and NumPy int64 arrays are already wide."""
+    return Sym(f"((long long){_code(x)})") if isinstance(x, Sym) else x
+
+
 def render(x) -> str:
     return _code(x)

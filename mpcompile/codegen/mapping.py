@@ -17,6 +17,24 @@ matrix ``j`` — with ``.trans``, rows ``2(l&3)+{0,1}`` of column ``l>>2``.
 
 from __future__ import annotations
 
+from .expr import minimum
+
+# -- blocks -------------------------------------------------------------------------------------
+
+
+def block_coords(bid, tiles_m: int, tiles_n: int, group: int):
+    """(tile row, tile column, z) of linear block ``bid``: z = bid // tiles (batch and split-K
+    slice), and inside one z a grouped raster: ``group`` tile rows are walked column by column,
+    so blocks resident together share A rows and B columns in L2. A bijection onto
+    [0, tiles_m) x [0, tiles_n) for each z; one grid dimension, so no 65535 limit on y or z."""
+    tiles = tiles_m * tiles_n
+    z, t = bid // tiles, bid % tiles
+    per_group = group * tiles_n
+    first_m = (t // per_group) * group
+    size_m = minimum(tiles_m - first_m, group)
+    return first_m + (t % per_group) % size_m, (t % per_group) // size_m, z
+
+
 # -- PTX fragments ---------------------------------------------------------------------------
 
 
@@ -103,6 +121,21 @@ def b_ldmatrix(lane, n0, k0, kcontig: bool):
 
 
 # -- epilogue ---------------------------------------------------------------------------------
+
+
+def stage_slot(lane, i, mi, ni, pitch: int):
+    """Element offset in a warp's staging buffer of accumulator element ``i`` of its m16n8
+    tile (mi, ni): the warp tile row-major with ``pitch`` elements a row."""
+    r, c = frag_c(lane, i)
+    return (mi * 16 + r) * pitch + ni * 8 + c
+
+
+def store_chunk(lane, p, wtn: int, vec: int):
+    """(row, col) in the warp tile of the ``vec`` elements lane ``lane`` stores in pass ``p``:
+    consecutive lanes take consecutive chunks of a row (coalesced 16-byte stores)."""
+    chunk = p * 32 + lane
+    per_row = wtn // vec
+    return chunk // per_row, (chunk % per_row) * vec
 
 
 def c_coords(lane, i, m0, n0):

@@ -4,7 +4,9 @@ It executes the same mapping functions the renderer emits (``mapping.py``, the s
 functions), with NumPy arrays over all lanes / copies at once, and checks on the way what the
 hardware would not: that the copies of a tile write each shared-memory slot once, that every
 ldmatrix row address is 16-byte aligned, and that the registers the lanes hold make up each
-16x16 / 16x8 operand exactly once under the PTX ISA fragment layouts. The result is compared with
+16x16 / 16x8 operand exactly once under the PTX ISA fragment layouts; and it runs the main loop's
+pipeline schedule (``schedule.py``) event by event, so a wrong wait count or a missing barrier
+raises :class:`ModelCheckError`. The result is compared with
 a plain matmul in the tests, on shapes that are not tile multiples.
 """
 
@@ -13,16 +15,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..dtypes import FLOAT32
-from ..errors import KernelError
 from . import mapping as mp
 from .epilogue import OPS, Operands, round_to
+from .render import hoisted
+from .schedule import ModelCheckError, Schedule, execute
 from .spec import KernelSpec, Kind
-
-
-class ModelCheckError(KernelError, AssertionError):
-    """The model found what the hardware would not report: colliding copies, a misaligned
-    ldmatrix address, a fragment layout that misses or repeats an element, a double store."""
 
 
 def epilogue(spec: KernelSpec, acc: np.ndarray, cols: np.ndarray, bias, scale: float):
@@ -34,20 +31,33 @@ def epilogue(spec: KernelSpec, acc: np.ndarray, cols: np.ndarray, bias, scale: f
 
 
 def _load_tile(at, mem, kcontig: bool, width: int, rows: int, vec: int, tile0: int, k0: int,
-               k_end: int, base: int) -> np.ndarray:
+               k_end: int, base: int, k_step: int | None = None, ragged: bool = True
+               ) -> np.ndarray:
     """Copy one operand tile into a fresh shared-memory array, as the block's threads do.
-    ``at(mn, k)`` is the operand's (offset, inside) at GEMM coordinates (row or column, k)."""
+    ``at(mn, k)`` is the operand's (offset, inside) at GEMM coordinates (row or column, k).
+    With ``k_step`` (the kernel's hoisted form, see ``render._loader_setup``): the offset at the
+    copy's relative k plus ``k0 * k_step``, the predicate at relative k, and the k bound only
+    when ``ragged``; both are checked against the address function at the absolute k."""
     idx = np.arange(mp.copies(rows, width, vec))
     row, col = mp.copy_coords(idx, width, vec)
     smem = np.full(rows * width, np.nan)
     written = np.zeros(rows * width, dtype=int)
     for e in range(vec):
         if kcontig:  # tile rows run along M (or N), columns along K
-            mn, k = tile0 + row, k0 + col + e
+            mn, k_rel = tile0 + row, col + e
         else:  # tile rows run along K, columns along M (or N)
-            mn, k = tile0 + col + e, k0 + row
+            mn, k_rel = tile0 + col + e, row
+        k = k0 + k_rel
         off, ok = at(mn, k)
         ok = np.asarray(ok) & (k < k_end)
+        if k_step is not None:
+            off_rel, ok_rel = at(mn, k_rel)
+            hoisted_ok = np.asarray(ok_rel) & ((k < k_end) if ragged else True)
+            hoisted = off_rel + k0 * k_step
+            if (hoisted_ok != ok).any() or (np.asarray(hoisted - off)[ok] != 0).any():
+                raise ModelCheckError("hoisted copy offsets or predicates differ from the "
+                                      "operand's address function")
+            off, ok = hoisted, hoisted_ok
         vals = np.where(ok, mem[np.where(ok, base + off, 0)], 0.0)
         slot = mp.smem_offset(row, col + e, width)
         np.add.at(written, slot, 1)
@@ -86,12 +96,113 @@ def _assemble(shape, lane_elems, mapping):
     return out
 
 
-def run(spec: KernelSpec, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None,
-        scale: float = 1.0) -> np.ndarray:
-    """Execute the kernel on flat operand buffers (float64 holding low-precision values) and
-    return the flat output buffer (float64 holding ``epilogue.out`` values)."""
+def _compute(spec: KernelSpec, sa: np.ndarray, sb: np.ndarray, acc: np.ndarray) -> None:
+    """One k-tile of every warp: ldmatrix from the stage buffers, m16n8k16 MMAs into ``acc``."""
+    t, lane = spec.tile, np.arange(32)
+    a_width = t.bk if spec.a_kcontig else t.bm
+    b_width = t.bk if spec.b_kcontig else t.bn
+    for w in range(t.warps):
+        wm0, wn0 = mp.warp_origin(w, t.wtm, t.wtn, t.warps_n)
+        for ks in range(0, t.bk, 16):
+            af = []
+            for mi in range(t.mi):
+                r, c = mp.a_ldmatrix(lane, wm0 + mi * 16, ks, spec.a_kcontig)
+                regs = _ldmatrix(sa, a_width, r, c, not spec.a_kcontig)
+                af.append(_assemble((16, 16), regs.reshape(32, 8), mp.frag_a))
+            bf = []
+            for nj in range(0, t.ni, 2):
+                r, c = mp.b_ldmatrix(lane, wn0 + nj * 8, ks, spec.b_kcontig)
+                regs = _ldmatrix(sb, b_width, r, c, not spec.b_kcontig)
+                for half in range(2):
+                    elems = regs[:, 2 * half: 2 * half + 2].reshape(32, 4)
+                    bf.append(_assemble((16, 8), elems, mp.frag_b))
+            for mi in range(t.mi):
+                for ni in range(t.ni):
+                    d = af[mi] @ bf[ni]
+                    for i in range(4):
+                        r, c = mp.frag_c(lane, i)
+                        acc[w, mi, ni, :, i] += d[r, c]
+
+
+def _mainloop(spec: KernelSpec, schedule: Schedule, a, b, m0: int, n0: int, k_start: int,
+              k_end: int, base_a: int, base_b: int) -> np.ndarray:
+    """One block's accumulators: ``schedule`` executed event by event over a ring of stage
+    buffers, the pipeline state checked at each event (see ``schedule.py``)."""
     t = spec.tile
-    lane = np.arange(32)
+    a_width, a_rows = (t.bk, t.bm) if spec.a_kcontig else (t.bm, t.bk)
+    b_width, b_rows = (t.bk, t.bn) if spec.b_kcontig else (t.bn, t.bk)
+    ring_a: list = [None] * schedule.stages
+    ring_b: list = [None] * schedule.stages
+    acc = np.zeros((t.warps, t.mi, t.ni, 32, 4))
+    hoist = {o: spec.k_step(o) if hoisted(spec, o) else None for o in "ab"}
+
+    def load(stage: int, tile: int) -> None:
+        k0 = k_start + tile * t.bk
+        ring_a[stage] = _load_tile(spec.a_addr, a, spec.a_kcontig, a_width, a_rows,
+                                   spec.vec_a, m0, k0, k_end, base_a, hoist["a"],
+                                   spec.ragged_k)
+        ring_b[stage] = _load_tile(lambda n, k: spec.b_addr(k, n), b, spec.b_kcontig, b_width,
+                                   b_rows, spec.vec_b, n0, k0, k_end, base_b, hoist["b"],
+                                   spec.ragged_k)
+
+    def compute(stage: int, tile: int) -> None:
+        _compute(spec, ring_a[stage], ring_b[stage], acc)
+
+    k_tiles = -(-(k_end - k_start) // t.bk) if k_end > k_start else 0
+    execute(schedule, k_tiles, load, compute, asynchronous=max(spec.vec_a, spec.vec_b) > 1,
+            name=spec.name)
+    return acc
+
+
+def _store_warp(spec: KernelSpec, w: int, acc: np.ndarray, m0: int, n0: int, base_c: int,
+                bias, scale: float, out: np.ndarray, written: np.ndarray) -> None:
+    """One warp's epilogue as the kernel runs it: ops on each accumulator, the conversion, the
+    write into the warp's staging buffer (each slot once), then the chunked row stores (each
+    element of the warp tile read once; partial chunks at the right edge element-wise)."""
+    t, lane = spec.tile, np.arange(32)
+    pitch, vec = spec.stage_pitch, spec.c_vec
+    wm0, wn0 = mp.warp_origin(w, t.wtm, t.wtn, t.warps_n)
+    stage = np.full(t.wtm * pitch, np.nan)
+    filled = np.zeros(t.wtm * pitch, dtype=int)
+    for mi in range(t.mi):
+        for ni in range(t.ni):
+            for i in range(4):
+                _, col = mp.c_coords(lane, i, 0, n0 + wn0 + ni * 8)
+                vals = epilogue(spec, acc[mi, ni, :, i], np.minimum(col, spec.n - 1), bias,
+                                scale)
+                if spec.out_bytes == 2:
+                    vals = round_to(vals, spec.epilogue.out)
+                slot = mp.stage_slot(lane, i, mi, ni, pitch)
+                stage[slot] = vals
+                np.add.at(filled, slot, 1)
+    if (filled > 1).any():
+        raise ModelCheckError("two accumulators staged in one shared-memory slot")
+    chunks = t.wtm * t.wtn // vec
+    read = np.zeros(t.wtm * pitch, dtype=int)
+    for p in range(-(-chunks // 32)):
+        live = p * 32 + lane < chunks
+        r, c = mp.store_chunk(lane[live], p, t.wtn, vec)
+        for e in range(vec):
+            src = r * pitch + c + e
+            np.add.at(read, src, 1)
+            row, col = m0 + wm0 + r, n0 + wn0 + c + e
+            ok = (row < spec.m) & (col < spec.n)
+            if (filled[src[ok]] != 1).any():
+                raise ModelCheckError("the store pass reads a staging slot nobody wrote")
+            dst = base_c + spec.c_addr(row[ok], col[ok])
+            np.add.at(out, dst, stage[src[ok]])
+            np.add.at(written, dst, 1)
+    if (read[filled == 1] != 1).any():
+        raise ModelCheckError("the store pass does not read every staged element once")
+
+
+def run(spec: KernelSpec, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None,
+        scale: float = 1.0, schedule: Schedule | None = None) -> np.ndarray:
+    """Execute the kernel on flat operand buffers (float64 holding low-precision values) and
+    return the flat output buffer (float64 holding ``epilogue.out`` values). ``schedule``
+    defaults to the one the renderer emits for ``spec``."""
+    t = spec.tile
+    schedule = schedule or spec.schedule
     out_len = (spec.batch - 1) * spec.batch_stride_c + spec.m * spec.c_ld if \
         spec.kind is Kind.GEMM else spec.m * spec.c_ld
     if spec.split_k > 1:  # one FP32 partial per split, summed after the kernel
@@ -99,63 +210,29 @@ def run(spec: KernelSpec, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None 
     out = np.zeros(out_len)
     partial = np.zeros(out_len)
     gx, gy, gz = spec.grid()
-    a_width, a_rows = (t.bk, t.bm) if spec.a_kcontig else (t.bm, t.bk)
-    b_width, b_rows = (t.bk, t.bn) if spec.b_kcontig else (t.bn, t.bk)
+    if (gy, gz) != (1, 1) or gx != spec.blocks:
+        raise ModelCheckError(f"{spec.name}: grid {(gx, gy, gz)} is not {spec.blocks} blocks on x")
     written = np.zeros(out_len, dtype=int)
-    for z in range(gz):
+    visits = np.zeros((spec.batch * spec.split_k, spec.tiles_m, spec.tiles_n), dtype=int)
+    for bid in range(gx):
+        tm, tn, z = mp.block_coords(bid, spec.tiles_m, spec.tiles_n, spec.raster_group)
+        visits[z, tm, tn] += 1
         batch, split = z // spec.split_k, z % spec.split_k
         k_start = split * spec.k_per_split
         k_end = min(spec.k, k_start + spec.k_per_split)
         base_a, base_b = batch * spec.batch_stride_a, batch * spec.batch_stride_b
         base_c = batch * spec.batch_stride_c + split * spec.m * spec.c_ld
-        for by in range(gy):
-            for bx in range(gx):
-                m0, n0 = by * t.bm, bx * t.bn
-                acc = np.zeros((t.warps, t.mi, t.ni, 32, 4))
-                for k0 in range(k_start, k_end, t.bk):
-                    sa = _load_tile(spec.a_addr, a, spec.a_kcontig, a_width, a_rows,
-                                    spec.vec_a, m0, k0, k_end, base_a)
-                    sb = _load_tile(lambda n, k: spec.b_addr(k, n), b, spec.b_kcontig, b_width,
-                                    b_rows, spec.vec_b, n0, k0, k_end, base_b)
-                    for w in range(t.warps):
-                        wm0, wn0 = mp.warp_origin(w, t.wtm, t.wtn, t.warps_n)
-                        for ks in range(0, t.bk, 16):
-                            af = []
-                            for mi in range(t.mi):
-                                r, c = mp.a_ldmatrix(lane, wm0 + mi * 16, ks, spec.a_kcontig)
-                                regs = _ldmatrix(sa, a_width, r, c, not spec.a_kcontig)
-                                af.append(_assemble((16, 16), regs.reshape(32, 8), mp.frag_a))
-                            bf = []
-                            for nj in range(0, t.ni, 2):
-                                r, c = mp.b_ldmatrix(lane, wn0 + nj * 8, ks, spec.b_kcontig)
-                                regs = _ldmatrix(sb, b_width, r, c, not spec.b_kcontig)
-                                for half in range(2):
-                                    elems = regs[:, 2 * half: 2 * half + 2].reshape(32, 4)
-                                    bf.append(_assemble((16, 8), elems, mp.frag_b))
-                            for mi in range(t.mi):
-                                for ni in range(t.ni):
-                                    d = af[mi] @ bf[ni]
-                                    for i in range(4):
-                                        r, c = mp.frag_c(lane, i)
-                                        acc[w, mi, ni, :, i] += d[r, c]
-                for w in range(t.warps):
-                    wm0, wn0 = mp.warp_origin(w, t.wtm, t.wtn, t.warps_n)
-                    for mi in range(t.mi):
-                        for ni in range(t.ni):
-                            for i in range(4):
-                                row, col = mp.c_coords(lane, i, m0 + wm0 + mi * 16,
-                                                       n0 + wn0 + ni * 8)
-                                ok = (row < spec.m) & (col < spec.n)
-                                vals = epilogue(spec, acc[w, mi, ni, :, i], np.minimum(
-                                    col, spec.n - 1), bias, scale)
-                                dst = base_c + spec.c_addr(row[ok], col[ok])
-                                np.add.at(partial, dst, vals[ok])
-                                np.add.at(written, dst, 1)
+        m0, n0 = tm * t.bm, tn * t.bn
+        acc = _mainloop(spec, schedule, a, b, m0, n0, k_start, k_end, base_a, base_b)
+        for w in range(t.warps):
+            _store_warp(spec, w, acc[w], m0, n0, base_c, bias, scale, partial, written)
+    if not (visits == 1).all():
+        raise ModelCheckError(f"{spec.name}: the block raster does not visit each tile once")
     if (written[written > 0] != 1).any():
         raise ModelCheckError("two threads store the same output element")
     if spec.split_k > 1:
         return partial.reshape(spec.split_k, -1).sum(0)
-    out[:] = partial if spec.epilogue.out == FLOAT32.name else round_to(partial, spec.epilogue.out)
+    out[:] = partial  # already rounded to the output dtype when staged
     return out
 
 

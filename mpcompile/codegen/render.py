@@ -8,10 +8,11 @@ compile-time constants: a kernel is specialised to one matmul or convolution of 
 
 from __future__ import annotations
 
-from ..dtypes import FLOAT32, info
+from ..dtypes import info
 from . import mapping as mp
 from .epilogue import OPS
-from .expr import Sym, all_of, render
+from .expr import Sym, all_of, render, wide
+from .schedule import Event, Op, Schedule
 from .spec import KernelSpec, Kind
 
 
@@ -45,6 +46,10 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
   u16 v; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v;
 }
 __device__ __forceinline__ float float32_to_f32(float v) { return v; }
+// an integer the optimiser cannot see through: the tile coordinates decoded from the raster are
+// kept opaque, or the compiler specialises the main loop on them (128x128 tile: 174 registers
+// instead of 120)
+__device__ __forceinline__ int opaque(int v) { asm("mov.b32 %0, %0;" : "+r"(v)); return v; }
 __device__ __forceinline__ u32 smem_u32(const void* p) {
   u32 r; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
   return r;
@@ -57,6 +62,9 @@ __device__ __forceinline__ void cp_async(u32 dst, const void* src, bool ok, int 
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" :: "r"(dst), "l"(src), "r"(n));
   else
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_n(u32 dst, const void* src, int n) {  // n: 0 or 16
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(n));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
@@ -73,32 +81,105 @@ __device__ __forceinline__ void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u
 """
 
 
-def _loader(spec: KernelSpec, operand: str) -> str:
-    """The body that copies operand tile ``operand`` for pipeline stage ``stage`` at ``k0``."""
+def _operand(spec: KernelSpec, operand: str):
+    """(k-contiguous?, vec, smem width, smem rows, copies, copies per thread) of an operand."""
     t = spec.tile
     kcontig = spec.a_kcontig if operand == "a" else spec.b_kcontig
     vec = spec.vec_a if operand == "a" else spec.vec_b
     extent = t.bm if operand == "a" else t.bn
     width, rows = (t.bk, extent) if kcontig else (extent, t.bk)
     n = mp.copies(rows, width, vec)
-    per_thread = -(-n // t.threads)
-    ptr, smem, tile0 = ("A", "sA", "m0") if operand == "a" else ("B", "sB", "n0")
-    row, col = mp.copy_coords(Sym("idx"), width, vec)
+    return kcontig, vec, width, rows, n, -(-n // t.threads)
+
+
+def hoisted(spec: KernelSpec, operand: str) -> bool:
+    """Are ``operand``'s copy offsets and predicates computed once, before the main loop? When
+    its address is affine in k and it is copied with 16-byte ``cp.async``."""
+    return spec.k_step(operand) is not None and _operand(spec, operand)[1] == 8
+
+
+def _coords(spec: KernelSpec, operand: str, width: int, kcontig: bool, k0):
+    """(row, col, GEMM row/column, k) of copy ``idx`` of an operand tile whose first k is
+    ``k0``."""
+    row, col = mp.copy_coords(Sym("idx"), width, _operand(spec, operand)[1])
+    tile0 = Sym("m0" if operand == "a" else "n0")
     if kcontig:
-        mn, k = Sym(tile0) + Sym("row"), Sym("k0") + Sym("col")
-    else:
-        mn, k = Sym(tile0) + Sym("col"), Sym("k0") + Sym("row")
-    off, ok = (spec.a_addr(Sym("g_mn"), Sym("g_k")) if operand == "a"
-               else spec.b_addr(Sym("g_k"), Sym("g_mn")))
+        return row, col, tile0 + Sym("row"), k0 + Sym("col")
+    return row, col, tile0 + Sym("col"), k0 + Sym("row")
+
+
+def _at(spec: KernelSpec, operand: str):
+    return spec.a_addr if operand == "a" else (lambda mn, k: spec.b_addr(k, mn))
+
+
+def _loader_setup(spec: KernelSpec, operand: str) -> str:
+    """Before the main loop, for a hoisted operand: each copy's offset at relative k (its
+    column or row in the tile), its M/N predicate and its shared-memory byte offset; the base
+    pointer then moves ``bk * k_step`` elements per k-tile."""
+    if not hoisted(spec, operand):
+        return ""
+    t = spec.tile
+    kcontig, vec, width, rows, n, per = _operand(spec, operand)
+    p, ptr = operand, operand.upper()
+    row, col, mn, k = _coords(spec, operand, width, kcontig, 0)
+    at = _at(spec, operand)
+    _, ok = at(Sym("g_mn"), Sym("g_kr"))
+    big = spec.wide_index(operand)
+    off, _ = at(wide(Sym("g_mn")), wide(Sym("g_kr"))) if big else at(Sym("g_mn"), Sym("g_kr"))
+    off_t = "long long" if big else "int"
+    return f"""
+  // operand {p}: offsets and predicates of this thread's copies, computed once
+  const u16* {ptr}_k = {ptr} + (long long)k_start * {spec.k_step(operand)};
+  {off_t} {p}_off[{per}];
+  u32 {p}_dst[{per}];
+  int {p}_n[{per}];
+  int {p}_kr[{per}];
+  #pragma unroll
+  for (int i = 0; i < {per}; ++i) {{
+    const int idx = tid + i * {t.threads};
+    const int row = {render(row)};
+    const int col = {render(col)};
+    const int g_mn = {render(mn)};
+    const int g_kr = {render(k)};
+    const bool ok = {render(ok)};
+    {p}_off[i] = ok ? {render(off)} : 0;
+    {p}_dst[i] = {render(mp.smem_offset(Sym("row"), Sym("col"), width))} * 2;
+    {p}_n[i] = ok ? 16 : 0;
+    {p}_kr[i] = g_kr;
+  }}
+  (void){p}_kr;"""
+
+
+def _loader(spec: KernelSpec, operand: str) -> str:
+    """The body that copies operand tile ``operand`` into pipeline stage ``stage`` for the
+    k-tile ``tile`` starting at ``k0``."""
+    t = spec.tile
+    kcontig, vec, width, rows, n, per_thread = _operand(spec, operand)
+    ptr, smem = ("A", "sA") if operand == "a" else ("B", "sB")
+    guard = "" if n % t.threads == 0 else f"if (tid + i * {t.threads} < {n}) "
+    if hoisted(spec, operand):
+        p = operand
+        step = t.bk * spec.k_step(operand)
+        bytes_ = f"(k0 + {p}_kr[i] < k_end ? {p}_n[i] : 0)" if spec.ragged_k else f"{p}_n[i]"
+        return f"""
+    const u16* {p}_src = {ptr}_k + (long long)tile * {step};
+    const u32 {p}_st = {smem}_u + stage * {rows * width * 2};
+    #pragma unroll
+    for (int i = 0; i < {per_thread}; ++i)
+      {guard}cp_async_n({p}_st + {p}_dst[i], {p}_src + {p}_off[i], {bytes_});"""
+    row, col, mn, k = _coords(spec, operand, width, kcontig, Sym("k0"))
+    at = _at(spec, operand)
+    _, ok = at(Sym("g_mn"), Sym("g_k"))
+    big = spec.wide_index(operand)  # 64-bit offsets only past 2^31-1 elements
+    off, _ = at(wide(Sym("g_mn")), wide(Sym("g_k"))) if big else at(Sym("g_mn"), Sym("g_k"))
     ok = all_of(ok, Sym("g_k") < Sym("k_end"))
     dst = mp.smem_offset(Sym("row"), Sym("col"), width)
-    guard = "" if n % t.threads == 0 else f"if (idx < {n}) "
     if vec == 1:
         copy = (f"{smem}[stage * {rows * width} + {render(dst)}] = ok ? {ptr}[off] : "
                 "(u16)0;")
     else:
-        copy = (f"cp_async(smem_u32({smem} + stage * {rows * width} + {render(dst)}), "
-                f"{ptr} + (ok ? off : 0), ok, {vec * 2});")
+        copy = (f"cp_async({smem}_u + (stage * {rows * width} + {render(dst)}) * 2, "
+                f"{ptr} + off, ok, {vec * 2});")
     return f"""
     #pragma unroll
     for (int i = 0; i < {per_thread}; ++i) {{
@@ -109,7 +190,7 @@ def _loader(spec: KernelSpec, operand: str) -> str:
         const int g_mn = {render(mn)};
         const int g_k = {render(k)};
         const bool ok = {render(ok)};
-        const int off = ok ? {render(off)} : 0;
+        const {"long long" if big else "int"} off = ok ? {render(off)} : 0;
         {copy}
       }}
     }}"""
@@ -133,11 +214,11 @@ def _fragments(spec: KernelSpec) -> str:
         u32 bf[{t.ni}][2];
         #pragma unroll
         for (int mi = 0; mi < {t.mi}; ++mi)
-          {lda}(smem_u32(sA + stage * {a_tile} + {render(mp.smem_offset(ar, ac, a_w))}),
+          {lda}(sA_u + (stage * {a_tile} + {render(mp.smem_offset(ar, ac, a_w))}) * 2,
                 af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
         #pragma unroll
         for (int nj = 0; nj < {t.ni}; nj += 2)
-          {ldb}(smem_u32(sB + stage * {b_tile} + {render(mp.smem_offset(br, bc, b_w))}),
+          {ldb}(sB_u + (stage * {b_tile} + {render(mp.smem_offset(br, bc, b_w))}) * 2,
                 bf[nj][0], bf[nj][1], bf[nj + 1][0], bf[nj + 1][1]);
         #pragma unroll
         for (int mi = 0; mi < {t.mi}; ++mi)
@@ -153,40 +234,103 @@ def _fragments(spec: KernelSpec) -> str:
 
 
 def _epilogue(spec: KernelSpec) -> str:
-    ep = spec.epilogue
+    """Each warp applies the epilogue ops to its accumulators, converts them and writes them to
+    its own staging buffer in shared memory (the drained stage ring), then stores its tile row
+    by row, ``c_vec`` elements (16 bytes) per lane and store; partial chunks at a ragged right
+    edge element by element."""
+    t, ep = spec.tile, spec.epilogue
     lines = [OPS[op].c.format(low=_short(spec.dtype), bias=_cvt(ep.bias_dtype))
              for op in ep.ops]
-    if spec.split_k > 1:  # each split writes its own FP32 partial; the caller sums them
-        store = f"C[(long long)split * {spec.m * spec.c_ld} + off] = x;"
-    elif ep.out == FLOAT32.name:
-        store = "C[off] = x;"
+    out_t = "float" if spec.out_bytes == 4 else "u16"
+    conv = "x" if spec.out_bytes == 4 else f"f32_to_{_short(ep.out)}(x)"
+    vec, pitch = spec.c_vec, spec.stage_pitch
+    slot = mp.stage_slot(Sym("lane"), Sym("i"), Sym("mi"), Sym("ni"), pitch)
+    _, col = mp.c_coords(Sym("lane"), Sym("i"), 0, Sym("n0") + Sym("wn0") + Sym("ni") * 8)
+    chunks = t.wtm * t.wtn // vec
+    r, c = mp.store_chunk(Sym("lane"), Sym("p"), t.wtn, vec)
+    big = spec.wide_index("c")
+    c_off = spec.c_addr(wide(Sym("row")) if big else Sym("row"), Sym("col"))
+    split = f"(long long)split * {spec.m * spec.c_ld} + " if spec.split_k > 1 else ""
+    vtype = {16: "uint4", 8: "uint2", 4: "u32", 2: "u16"}[vec * spec.out_bytes]
+    guard = "" if chunks % 32 == 0 else f"if (p * 32 + lane < {chunks}) "
+    body = "\n          ".join(lines)
+    full = f"*reinterpret_cast<{vtype}*>(C + off) = *reinterpret_cast<const {vtype}*>(src);"
+    if spec.n % vec == 0:  # chunks start at multiples of vec: whole chunks in or out
+        store = f"if (col < {spec.n}) {full}"
     else:
-        store = f"C[off] = f32_to_{_short(ep.out)}(x);"
-    row, col = mp.c_coords(Sym("lane"), Sym("i"), Sym("m0") + Sym("wm0") + Sym("mi") * 16,
-                           Sym("n0") + Sym("wn0") + Sym("ni") * 8)
-    body = "\n            ".join(lines)
+        store = f"""if (col + {vec} <= {spec.n}) {{
+        {full}
+      }} else {{
+        #pragma unroll
+        for (int e = 0; e < {vec}; ++e)
+          if (col + e < {spec.n}) C[off + e] = src[e];
+      }}"""
     return f"""
+  {out_t}* stage_c = reinterpret_cast<{out_t}*>(smem) + warp * {t.wtm * pitch};
   #pragma unroll
-  for (int mi = 0; mi < {spec.tile.mi}; ++mi)
+  for (int mi = 0; mi < {t.mi}; ++mi)
     #pragma unroll
-    for (int ni = 0; ni < {spec.tile.ni}; ++ni)
+    for (int ni = 0; ni < {t.ni}; ++ni)
       #pragma unroll
       for (int i = 0; i < 4; ++i) {{
-        const int row = {render(row)};
-        const int col = {render(col)};
-        if (row < {spec.m} && col < {spec.n}) {{
-          float x = acc[mi][ni][i];
-            {body}
-          const int off = {render(spec.c_addr(Sym("row"), Sym("col")))};
-          {store}
-        }}
-      }}"""
+        const int col = min({render(col)}, {spec.n - 1});
+        float x = acc[mi][ni][i];
+          {body}
+        stage_c[{render(slot)}] = {conv};
+        (void)col;
+      }}
+  __syncwarp();
+  #pragma unroll
+  for (int p = 0; p < {-(-chunks // 32)}; ++p) {guard}{{
+    const int row = m0 + wm0 + {render(r)};
+    const int col = n0 + wn0 + {render(c)};
+    const {out_t}* src = stage_c + {render(r)} * {pitch} + {render(c)};
+    if (row < {spec.m}) {{
+      const {"long long" if big or split else "int"} off = {split}{render(c_off)};
+      {store}
+    }}
+  }}"""
 
 
-def render_source(spec: KernelSpec) -> str:
-    """The CUDA C++ source of ``spec``'s kernel, entry point ``spec.name``."""
+def _events(spec: KernelSpec, schedule: Schedule, events: tuple[Event, ...], i: str) -> str:
+    """C++ for a schedule's events at step ``i`` (see ``schedule.py``): one statement each."""
+    t, out = spec.tile, []
+    for e in events:
+        if e.op is Op.WAIT:
+            out.append(f"cp_async_wait<{e.n}>();")
+        elif e.op is Op.BARRIER:
+            out.append("__syncthreads();")
+        elif e.op is Op.COMMIT:
+            out.append("cp_async_commit();")
+        elif e.op is Op.LOAD:
+            out.append(f"""{{  // copies of k-tile {i} + {e.n} into its stage
+      const int tile = {i} + {e.n};
+      if (tile < k_tiles) {{
+        const int stage = tile % {schedule.stages};
+        const int k0 = k_start + tile * {t.bk};
+        {_loader(spec, "a")}
+        {_loader(spec, "b")}
+      }}
+    }}""")
+        else:  # in the loop body, k-tile kt itself always exists: no guard
+            guard = "" if (i, e.n) == ("kt", 0) else "if (tile < k_tiles) "
+            out.append(f"""{{  // compute k-tile {i} + {e.n}
+      const int tile = {i} + {e.n};
+      {guard}{{
+        const int stage = tile % {schedule.stages};
+        {_fragments(spec)}
+      }}
+    }}""")
+    return "\n    ".join(out)
+
+
+def render_source(spec: KernelSpec, schedule: Schedule | None = None) -> str:
+    """The CUDA C++ source of ``spec``'s kernel, entry point ``spec.name``; ``schedule``
+    defaults to ``spec.schedule`` (the NumPy model runs the same one)."""
     t, ep = spec.tile, spec.epilogue
+    schedule = schedule or spec.schedule
     wm0, wn0 = mp.warp_origin(Sym("warp"), t.wtm, t.wtn, t.warps_n)
+    tm, tn, tz = mp.block_coords(Sym("bid"), spec.tiles_m, spec.tiles_n, spec.raster_group)
     c_t = "float" if spec.split_k > 1 else _c_type(ep.out)
     bias_t = _c_type(ep.bias_dtype)
     per_split = spec.k_per_split
@@ -203,19 +347,24 @@ def render_source(spec: KernelSpec) -> str:
                      f"  B += (long long)batch * {spec.batch_stride_b};\n"
                      f"  C += (long long)batch * {spec.batch_stride_c};\n")
     return header + _PRELUDE + f"""
-extern "C" __global__ void __launch_bounds__({t.threads})
+extern "C" __global__ void __launch_bounds__({t.threads}, {t.ctas_per_sm})
 {spec.name}(const u16* __restrict__ A, const u16* __restrict__ B, {c_t}* __restrict__ C,
     const {bias_t}* __restrict__ bias, const float* __restrict__ scale_ptr) {{
   extern __shared__ __align__(128) u16 smem[];
   u16* sA = smem;
   u16* sB = smem + {t.stages * t.bm * t.bk};
+  const u32 sA_u = smem_u32(sA);  // 32-bit shared-memory addresses
+  const u32 sB_u = smem_u32(sB);
+  (void)sA_u; (void)sB_u;
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int lane = tid & 31;
-  const int m0 = blockIdx.y * {t.bm};
-  const int n0 = blockIdx.x * {t.bn};
-  const int batch = blockIdx.z / {spec.split_k};
-  const int split = blockIdx.z % {spec.split_k};
+  const int bid = blockIdx.x;
+  const int m0 = opaque({render(tm)}) * {t.bm};
+  const int n0 = opaque({render(tn)}) * {t.bn};
+  const int z = {render(tz)};
+  const int batch = z / {spec.split_k};
+  const int split = z % {spec.split_k};
   const int k_start = split * {per_split};
   const int k_end = min({spec.k}, k_start + {per_split});
   const int k_tiles = k_end > k_start ? (k_end - k_start + {t.bk - 1}) / {t.bk} : 0;
@@ -230,36 +379,17 @@ extern "C" __global__ void __launch_bounds__({t.threads})
       #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.f;
 
-  // prologue: stages 0 .. {t.stages - 2} in flight
+{_loader_setup(spec, "a")}{_loader_setup(spec, "b")}
+  // pipeline prologue: {schedule.depth} k-tiles in flight
   #pragma unroll
-  for (int s = 0; s < {t.stages - 1}; ++s) {{
-    if (s < k_tiles) {{
-      const int stage = s;
-      const int k0 = k_start + s * {t.bk};
-      {_loader(spec, "a")}
-      {_loader(spec, "b")}
-    }}
-    cp_async_commit();
+  for (int s = 0; s < {schedule.depth}; ++s) {{
+    {_events(spec, schedule, schedule.prologue, "s")}
   }}
+  #pragma unroll 1  // one k-tile per iteration: unrolling doubles the live addresses
   for (int kt = 0; kt < k_tiles; ++kt) {{
-    cp_async_wait<{t.stages - 2}>();
-    __syncthreads();
-    {{  // refill the stage computed in the previous iteration
-      const int next = kt + {t.stages - 1};
-      if (next < k_tiles) {{
-        const int stage = next % {t.stages};
-        const int k0 = k_start + next * {t.bk};
-        {_loader(spec, "a")}
-        {_loader(spec, "b")}
-      }}
-      cp_async_commit();
-    }}
-    {{
-      const int stage = kt % {t.stages};
-      {_fragments(spec)}
-    }}
+    {_events(spec, schedule, schedule.body, "kt")}
   }}
-  cp_async_wait<0>();
+  {_events(spec, schedule, schedule.drain, "k_tiles")}
 {_epilogue(spec)}
 }}
 """

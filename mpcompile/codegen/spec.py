@@ -25,11 +25,14 @@ from ..dtypes import FLOAT32, FLOATS
 from ..errors import KernelError
 from .epilogue import LINEAR, NAMES  # LINEAR: the only ops allowed before a split-K sum
 from .expr import all_of
+from .schedule import Schedule
 
 KERNEL_DTYPES = tuple(f.name for f in FLOATS if f.is_low)  # float16, bfloat16
 OUT_DTYPES = (*KERNEL_DTYPES, FLOAT32.name)
 SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 MAX_SMEM = min(SMEM_LIMIT.values())
+INT32_MAX = 2**31 - 1  # also the grid's x limit; y and z stop at 65535, so the grid uses x only
+RASTER_GROUP = 8  # tile rows walked together by consecutive blocks (L2 reuse of B columns)
 
 
 def widest_vec(*extents: int) -> int:
@@ -112,6 +115,14 @@ class Tile:
     @property
     def accumulator_registers(self) -> int:
         return self.mi * self.ni * 4
+
+    @property
+    def ctas_per_sm(self) -> int:
+        """CTAs the kernel is built to keep resident per SM (``__launch_bounds__``'s minimum):
+        one for 64x64 warp tiles (their 128 accumulators a thread fill the registers), two
+        otherwise. Without it ptxas picks its own occupancy target and may spill at 72
+        registers."""
+        return 1 if self.accumulator_registers >= 128 else 2
 
 
 @dataclass(frozen=True)
@@ -235,8 +246,13 @@ class KernelSpec:
                     self.epilogue.out != "float32" or self.batch > 1:
                 raise SpecError("split-K writes FP32 partials that are summed afterwards: only "
                                 f"linear epilogue ops {LINEAR}, a float32 output, no batch")
-        if self.tile.smem_bytes > MAX_SMEM:
-            raise SpecError(f"tile needs {self.tile.smem_bytes} B of shared memory "
+        if max(self.m, self.n, self.k) + max(self.tile.bm, self.tile.bn, self.tile.bk) \
+                > INT32_MAX or self.blocks > INT32_MAX:
+            raise SpecError(f"problem {self.m}x{self.n}x{self.k} (batch {self.batch}, split_k "
+                            f"{self.split_k}) needs {self.blocks} blocks or coordinates beyond "
+                            "2^31-1: split it into several kernels")
+        if self.smem_bytes > MAX_SMEM:
+            raise SpecError(f"tile needs {self.smem_bytes} B of shared memory "
                             f"(> {MAX_SMEM} on sm_80)")
         if self.tile.accumulator_registers > 128:
             raise SpecError(f"warp tile needs {self.tile.accumulator_registers} accumulator "
@@ -287,9 +303,97 @@ class KernelSpec:
         steps = -(-self.k // self.tile.bk)
         return -(-steps // self.split_k) * self.tile.bk
 
+    @property
+    def schedule(self) -> Schedule:
+        """The main loop's pipeline (stage ring, waits, barriers) the renderer emits and the
+        NumPy model executes; the epilogue reuses the stage buffers, so the drain barriers."""
+        return Schedule.for_stages(self.tile.stages, smem_epilogue=True)
+
+    # -- the epilogue: staged through shared memory, stored in 16-byte chunks -------------------
+
+    @property
+    def out_bytes(self) -> int:
+        return 4 if self.split_k > 1 or self.epilogue.out == "float32" else 2
+
+    @property
+    def c_vec(self) -> int:
+        """Output elements per global store: 16 bytes when every row start (ldc, the batch and
+        split-K slice offsets) keeps 16-byte alignment, else one element."""
+        v = 16 // self.out_bytes
+        strides = [self.c_ld, self.batch_stride_c if self.batch > 1 else 0,
+                   self.m * self.c_ld if self.split_k > 1 else 0]
+        return v if all(st % v == 0 for st in strides) else 1
+
+    @property
+    def stage_pitch(self) -> int:
+        """Row pitch (elements) of a warp's staging buffer: its warp tile plus 16 bytes, so the
+        rows of a fragment store start in different banks."""
+        return self.tile.wtn + 16 // self.out_bytes
+
+    @property
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory: the stage ring, or the epilogue's staging buffers (one per
+        warp, reusing the ring) if larger."""
+        t = self.tile
+        return max(t.smem_bytes, t.warps * t.wtm * self.stage_pitch * self.out_bytes)
+
+    @property
+    def tiles_m(self) -> int:
+        return -(-self.m // self.tile.bm)
+
+    @property
+    def tiles_n(self) -> int:
+        return -(-self.n // self.tile.bn)
+
+    @property
+    def blocks(self) -> int:
+        return self.tiles_m * self.tiles_n * self.batch * self.split_k
+
+    @property
+    def raster_group(self) -> int:
+        return RASTER_GROUP
+
     def grid(self) -> tuple[int, int, int]:
-        return (-(-self.n // self.tile.bn), -(-self.m // self.tile.bm),
-                self.batch * self.split_k)
+        """Launch dimensions: every block on x (up to 2^31-1; y and z would stop at 65535), the
+        kernel decodes its tile and (batch, split) with ``mapping.block_coords``."""
+        return (self.blocks, 1, 1)
+
+    def span(self, operand: str) -> int:
+        """Elements one batch / split slice of ``operand`` (a, b or c) spans: the largest offset
+        its address function reaches, plus one."""
+        cv = self.conv
+        if operand == "c":
+            return self.m * self.c_ld
+        if self.kind is Kind.GEMM:
+            if operand == "a":
+                return self.a_addr(self.m - 1, self.k - 1)[0] + 1
+            return self.b_addr(self.k - 1, self.n - 1)[0] + 1
+        x, y, w = cv.n * cv.h * cv.w * cv.c, cv.n * cv.p * cv.q * cv.k, cv.k * cv.r * cv.s * cv.c
+        return {(Kind.CONV_FPROP, "a"): x, (Kind.CONV_FPROP, "b"): w,
+                (Kind.CONV_DGRAD, "a"): y, (Kind.CONV_DGRAD, "b"): w,
+                (Kind.CONV_WGRAD, "a"): y, (Kind.CONV_WGRAD, "b"): x}[(self.kind, operand)]
+
+    def k_step(self, operand: str) -> int | None:
+        """Elements the address of ``operand`` (a or b) moves per unit of k when it is affine in
+        k, ``off(mn, k) = off(mn, 0) + k * k_step`` (GEMMs, the fprop weight, the wgrad output
+        gradient): the kernel then computes each copy's offset and predicate once and only
+        advances a base pointer per k-tile. None for the im2col operands (not affine)."""
+        if self.kind is Kind.GEMM:
+            if operand == "a":
+                return 1 if self.a_layout == "row" else self.lda
+            return self.ldb if self.b_layout == "row" else 1
+        return {(Kind.CONV_FPROP, "b"): 1, (Kind.CONV_WGRAD, "a"): self.conv.k if self.conv
+                else None}.get((self.kind, operand))
+
+    @property
+    def ragged_k(self) -> bool:
+        """Can a k-tile run past its split's end (K not a multiple of bk)?"""
+        return self.k % self.tile.bk != 0
+
+    def wide_index(self, operand: str) -> bool:
+        """Must offsets into ``operand`` be computed in 64 bits? Only past 2^31-1 elements: 32-bit
+        integer math is faster and every intermediate value is bounded by the final offset."""
+        return self.span(operand) > INT32_MAX
 
     def a_addr(self, m, k):
         """(element offset of A[m, k], is it inside the problem), for int-like m, k."""

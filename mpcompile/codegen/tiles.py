@@ -10,20 +10,40 @@ from ..dtypes import FLOAT32
 from .spec import Conv, Epilogue, KernelSpec, Kind, Tile, conv_gemm_shape, widest_vec
 
 TILES: dict[str, Tile] = {  # the configurations the lowering chooses from (and autotuning times)
-    "large": Tile(128, 128, 32, 2, 4, 3),
-    "medium": Tile(64, 128, 32, 2, 2, 3),
+    # 64x64 warp tiles (128 FP32 accumulators a thread): 16 LDSM feed 64 HMMA per k16 step;
+    # bk 64 halves the per-k-tile overhead (wait, barrier, stage and pointer updates);
+    # 3 stages of 48 KB fit sm_80's 163 KB; one 256-thread CTA per SM
+    "large": Tile(128, 256, 64, 2, 4, 3),
+    "wide": Tile(256, 128, 64, 4, 2, 3),
+    "medium": Tile(128, 128, 32, 2, 2, 4),
     "small": Tile(64, 64, 32, 2, 2, 3),
     "tiny": Tile(32, 32, 32, 1, 2, 2),
 }
 
 SPLIT_K_MIN_DEPTH = 4096  # a split-K slice should still run at least this many K elements
 SPLIT_K_MAX = 32
+SMS = {"sm_80": 108, "sm_90": 132}  # A100, H100/H200: streaming multiprocessors per GPU
+
+
+def register_budget(t: Tile, elementwise: bool = False) -> int:
+    """Registers per thread a tile may use: its FP32 accumulators and one k16 step's A/B
+    fragments, plus 128 for addresses, loop state and predicates (measured: 36-100 with 16-byte
+    copies), 192 when an operand is copied element by element (a 3-channel input: 16 im2col
+    decompositions and loads in flight a thread; 207 registers in all for the cnn example's
+    split-K weight gradient, where k_start is not a constant). A tile of 64x64 warp tiles (128
+    accumulators) runs one CTA per SM by design (8 warps and 144 KB of shared memory fill the
+    SM); smaller ones must let two CTAs share the SM's 64K registers (``Tile.ctas_per_sm``)."""
+    fragments = 4 * t.mi + 2 * t.ni
+    rest = 192 if elementwise else 128
+    return min(t.accumulator_registers + fragments + rest, 65536 // (t.ctas_per_sm * t.threads),
+               255)
 
 
 def choose_tile(m: int, n: int) -> Tile:
-    """The largest preset whose block still has work on an M x N output."""
+    """The largest preset whose block still has work on an M x N output (the long side of the
+    CTA along the long side of the output)."""
     if m >= 1024 and n >= 1024:
-        return TILES["large"]
+        return TILES["large"] if n >= m else TILES["wide"]
     if m >= 256 and n >= 128:
         return TILES["medium"]
     if m >= 64 and n >= 64:
@@ -31,10 +51,22 @@ def choose_tile(m: int, n: int) -> Tile:
     return TILES["tiny"]
 
 
-def choose_split_k(k: int) -> int:
-    """Split factor of a reduction of depth ``k`` (a weight gradient's K = N*P*Q is long and its
-    M x N output small): one split per ``SPLIT_K_MIN_DEPTH`` elements, at most ``SPLIT_K_MAX``."""
-    return max(1, min(SPLIT_K_MAX, k // SPLIT_K_MIN_DEPTH))
+def choose_split_k(k: int, m: int | None = None, n: int | None = None,
+                   tile: Tile | None = None, sms: int = SMS["sm_90"]) -> int:
+    """Split factor of a reduction of depth ``k``. Given the output (``m`` x ``n``) and the
+    ``tile``: the smallest split that fills one wave of ``sms`` CTAs (a weight gradient's M x N
+    output is small and its K = N*P*Q long), as long as each slice keeps at least two k-tiles
+    and ``SPLIT_K_MAX`` is not passed; at most one split per ``SPLIT_K_MIN_DEPTH`` otherwise.
+    Without the output shape, from K alone (one split per ``SPLIT_K_MIN_DEPTH`` elements)."""
+    by_depth = max(1, min(SPLIT_K_MAX, k // SPLIT_K_MIN_DEPTH))
+    if m is None or n is None or tile is None:
+        return by_depth
+    ctas = -(-m // tile.bm) * -(-n // tile.bn)
+    if ctas >= sms:
+        return 1
+    fill = -(-sms // ctas)  # splits that fill the wave
+    deepest = max(1, k // (2 * tile.bk))  # every slice keeps two k-tiles or more
+    return max(1, min(fill, deepest, SPLIT_K_MAX))
 
 
 def conv_spec(kind: Kind, dtype: str, cv: Conv, ops: tuple[str, ...] = (),
@@ -43,13 +75,14 @@ def conv_spec(kind: Kind, dtype: str, cv: Conv, ops: tuple[str, ...] = (),
     weight gradients (FP32 partials: the output is then FP32, rounded by the caller), the
     widest copies the channel counts allow. ``out`` defaults to ``dtype``."""
     m, n, k = conv_gemm_shape(kind, cv)
-    split = choose_split_k(k) if kind is Kind.CONV_WGRAD else 1
+    tile = choose_tile(m, n)
+    split = choose_split_k(k, m, n, tile) if kind is Kind.CONV_WGRAD else 1
     out = FLOAT32.name if split > 1 else (out or dtype)
-    return KernelSpec(kind, dtype, m, n, k, tile=choose_tile(m, n),
+    return KernelSpec(kind, dtype, m, n, k, tile=tile,
                       epilogue=Epilogue(tuple(ops), out, dtype), conv=cv, split_k=split,
                       vec_a=widest_vec(cv.c if kind is Kind.CONV_FPROP else cv.k),
                       vec_b=widest_vec(cv.c))
 
 
-__all__ = ["SPLIT_K_MAX", "SPLIT_K_MIN_DEPTH", "TILES", "choose_split_k", "choose_tile",
-           "conv_spec"]
+__all__ = ["SMS", "SPLIT_K_MAX", "SPLIT_K_MIN_DEPTH", "TILES", "choose_split_k", "choose_tile",
+           "conv_spec", "register_budget"]

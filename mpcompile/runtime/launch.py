@@ -48,7 +48,7 @@ class Loaded:
             _ok(cu.cuInit(0))
             self.module = _ok(cu.cuModuleLoadData(compiled.cubin))
             self.function = _ok(cu.cuModuleGetFunction(self.module, spec.name.encode()))
-            self.smem = spec.tile.smem_bytes
+            self.smem = spec.smem_bytes  # the stage ring or the epilogue staging
             if self.smem > _SMEM_DEFAULT_LIMIT:
                 attr = cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
                 _ok(cu.cuFuncSetAttribute(self.function, attr, self.smem))

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import KernelError
@@ -61,3 +64,72 @@ def mma_instructions(sass: str) -> list[str]:
             if word.startswith(("HMMA", "HGMMA")):
                 out.append(word)
     return out
+
+
+_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"\bBRA\s+(?:\S+\s+)?(0x[0-9a-f]+)")
+
+
+def instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction text without the trailing ``;``) of every SASS instruction."""
+    out = []
+    for line in sass.splitlines():
+        m = _LINE.match(line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(2)))
+    return out
+
+
+def _opcode(text: str) -> str:
+    """The mnemonic of an instruction (its predicate guard ``@P0``/``@!P1`` skipped)."""
+    words = text.split()
+    if words and words[0].startswith("@"):
+        words = words[1:]
+    return words[0] if words else ""
+
+
+@dataclass(frozen=True)
+class LoopStats:
+    """One loop of the SASS: the instructions from a backward branch's target to the branch."""
+
+    start: int
+    end: int
+    instructions: int
+    hmma: int
+    ldsm: int
+    ldgsts: int
+
+    @property
+    def hmma_share(self) -> float:
+        return self.hmma / self.instructions if self.instructions else 0.0
+
+
+def loops(sass: str) -> list[LoopStats]:
+    """Every backward branch's loop, in address order (NOPs are not counted)."""
+    ins = instructions(sass)
+    out = []
+    for addr, text in ins:
+        m = _BRANCH.search(text)
+        if not m or int(m.group(1), 16) > addr:
+            continue
+        start = int(m.group(1), 16)
+        body = [_opcode(t) for a, t in ins if start <= a <= addr and _opcode(t) != "NOP"]
+        out.append(LoopStats(start, addr, len(body), sum(o.startswith("HMMA") for o in body),
+                             sum(o.startswith("LDSM") for o in body),
+                             sum(o.startswith("LDGSTS") for o in body)))
+    return out
+
+
+def main_loop(sass: str) -> LoopStats:
+    """The loop with the most HMMA instructions: a GEMM's / convolution's K loop. When the
+    compiler splits it (a copy of the loop without the refill for the last iterations), the
+    longer one: the steady state, and the lower HMMA share."""
+    with_mma = [lp for lp in loops(sass) if lp.hmma]
+    if not with_mma:
+        raise DisassemblyError("no loop with HMMA instructions in this SASS")
+    return max(with_mma, key=lambda lp: (lp.hmma, lp.instructions))
+
+
+def global_stores(sass: str) -> Counter:
+    """Count of each global store mnemonic (``STG.E.128``, ``STG.E.U16``, ...)."""
+    return Counter(o for o in (_opcode(t) for _, t in instructions(sass)) if o.startswith("STG"))

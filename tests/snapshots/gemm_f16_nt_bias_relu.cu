@@ -16,6 +16,10 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
   u16 v; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v;
 }
 __device__ __forceinline__ float float32_to_f32(float v) { return v; }
+// an integer the optimiser cannot see through: the tile coordinates decoded from the raster are
+// kept opaque, or the compiler specialises the main loop on them (128x128 tile: 174 registers
+// instead of 120)
+__device__ __forceinline__ int opaque(int v) { asm("mov.b32 %0, %0;" : "+r"(v)); return v; }
 __device__ __forceinline__ u32 smem_u32(const void* p) {
   u32 r; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
   return r;
@@ -28,6 +32,9 @@ __device__ __forceinline__ void cp_async(u32 dst, const void* src, bool ok, int 
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" :: "r"(dst), "l"(src), "r"(n));
   else
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_n(u32 dst, const void* src, int n) {  // n: 0 or 16
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(n));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
@@ -42,19 +49,24 @@ __device__ __forceinline__ void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 2)
 mpk_gemm_float16_51285fa72f27(const u16* __restrict__ A, const u16* __restrict__ B, u16* __restrict__ C,
     const u16* __restrict__ bias, const float* __restrict__ scale_ptr) {
   extern __shared__ __align__(128) u16 smem[];
   u16* sA = smem;
   u16* sB = smem + 12288;
+  const u32 sA_u = smem_u32(sA);  // 32-bit shared-memory addresses
+  const u32 sB_u = smem_u32(sB);
+  (void)sA_u; (void)sB_u;
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int lane = tid & 31;
-  const int m0 = blockIdx.y * 128;
-  const int n0 = blockIdx.x * 128;
-  const int batch = blockIdx.z / 1;
-  const int split = blockIdx.z % 1;
+  const int bid = blockIdx.x;
+  const int m0 = opaque(((((bid % 8) / 32) * 8) + (((bid % 8) % 32) % min((2 - (((bid % 8) / 32) * 8)), 8)))) * 128;
+  const int n0 = opaque((((bid % 8) % 32) / min((2 - (((bid % 8) / 32) * 8)), 8))) * 128;
+  const int z = (bid / 8);
+  const int batch = z / 1;
+  const int split = z % 1;
   const int k_start = split * 128;
   const int k_end = min(128, k_start + 128);
   const int k_tiles = k_end > k_start ? (k_end - k_start + 31) / 32 : 0;
@@ -69,96 +81,111 @@ mpk_gemm_float16_51285fa72f27(const u16* __restrict__ A, const u16* __restrict__
       #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.f;
 
-  // prologue: stages 0 .. 1 in flight
+
+  // operand a: offsets and predicates of this thread's copies, computed once
+  const u16* A_k = A + (long long)k_start * 1;
+  int a_off[2];
+  u32 a_dst[2];
+  int a_n[2];
+  int a_kr[2];
+  #pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int idx = tid + i * 256;
+    const int row = (idx / 4);
+    const int col = ((idx % 4) * 8);
+    const int g_mn = (m0 + row);
+    const int g_kr = col;
+    const bool ok = ((g_mn < 256) && (g_kr < 128));
+    a_off[i] = ok ? ((g_mn * 128) + g_kr) : 0;
+    a_dst[i] = (((row * 32) + (((col >> 3) ^ ((row / 2) & 3)) * 8)) + (col & 7)) * 2;
+    a_n[i] = ok ? 16 : 0;
+    a_kr[i] = g_kr;
+  }
+  (void)a_kr;
+  // operand b: offsets and predicates of this thread's copies, computed once
+  const u16* B_k = B + (long long)k_start * 1;
+  int b_off[2];
+  u32 b_dst[2];
+  int b_n[2];
+  int b_kr[2];
+  #pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int idx = tid + i * 256;
+    const int row = (idx / 4);
+    const int col = ((idx % 4) * 8);
+    const int g_mn = (n0 + row);
+    const int g_kr = col;
+    const bool ok = ((g_kr < 128) && (g_mn < 512));
+    b_off[i] = ok ? ((g_mn * 128) + g_kr) : 0;
+    b_dst[i] = (((row * 32) + (((col >> 3) ^ ((row / 2) & 3)) * 8)) + (col & 7)) * 2;
+    b_n[i] = ok ? 16 : 0;
+    b_kr[i] = g_kr;
+  }
+  (void)b_kr;
+  // pipeline prologue: 2 k-tiles in flight
   #pragma unroll
   for (int s = 0; s < 2; ++s) {
-    if (s < k_tiles) {
-      const int stage = s;
-      const int k0 = k_start + s * 32;
-      
+    {  // copies of k-tile s + 0 into its stage
+      const int tile = s + 0;
+      if (tile < k_tiles) {
+        const int stage = tile % 3;
+        const int k0 = k_start + tile * 32;
+        
+    const u16* a_src = A_k + (long long)tile * 32;
+    const u32 a_st = sA_u + stage * 8192;
     #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int idx = tid + i * 256;
-      {
-        const int row = (idx / 4);
-        const int col = ((idx % 4) * 8);
-        const int g_mn = (m0 + row);
-        const int g_k = (k0 + col);
-        const bool ok = (((g_mn < 256) && (g_k < 128)) && (g_k < k_end));
-        const int off = ok ? ((g_mn * 128) + g_k) : 0;
-        cp_async(smem_u32(sA + stage * 4096 + (((row * 32) + (((col >> 3) ^ ((row / 2) & 3)) * 8)) + (col & 7))), A + (ok ? off : 0), ok, 16);
-      }
-    }
-      
+    for (int i = 0; i < 2; ++i)
+      cp_async_n(a_st + a_dst[i], a_src + a_off[i], a_n[i]);
+        
+    const u16* b_src = B_k + (long long)tile * 32;
+    const u32 b_st = sB_u + stage * 8192;
     #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int idx = tid + i * 256;
-      {
-        const int row = (idx / 4);
-        const int col = ((idx % 4) * 8);
-        const int g_mn = (n0 + row);
-        const int g_k = (k0 + col);
-        const bool ok = (((g_k < 128) && (g_mn < 512)) && (g_k < k_end));
-        const int off = ok ? ((g_mn * 128) + g_k) : 0;
-        cp_async(smem_u32(sB + stage * 4096 + (((row * 32) + (((col >> 3) ^ ((row / 2) & 3)) * 8)) + (col & 7))), B + (ok ? off : 0), ok, 16);
+    for (int i = 0; i < 2; ++i)
+      cp_async_n(b_st + b_dst[i], b_src + b_off[i], b_n[i]);
       }
-    }
     }
     cp_async_commit();
   }
+  #pragma unroll 1  // one k-tile per iteration: unrolling doubles the live addresses
   for (int kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<1>();
     __syncthreads();
-    {  // refill the stage computed in the previous iteration
-      const int next = kt + 2;
-      if (next < k_tiles) {
-        const int stage = next % 3;
-        const int k0 = k_start + next * 32;
+    {  // copies of k-tile kt + 2 into its stage
+      const int tile = kt + 2;
+      if (tile < k_tiles) {
+        const int stage = tile % 3;
+        const int k0 = k_start + tile * 32;
         
+    const u16* a_src = A_k + (long long)tile * 32;
+    const u32 a_st = sA_u + stage * 8192;
     #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int idx = tid + i * 256;
-      {
-        const int row = (idx / 4);
-        const int col = ((idx % 4) * 8);
-        const int g_mn = (m0 + row);
-        const int g_k = (k0 + col);
-        const bool ok = (((g_mn < 256) && (g_k < 128)) && (g_k < k_end));
-        const int off = ok ? ((g_mn * 128) + g_k) : 0;
-        cp_async(smem_u32(sA + stage * 4096 + (((row * 32) + (((col >> 3) ^ ((row / 2) & 3)) * 8)) + (col & 7))), A + (ok ? off : 0), ok, 16);
-      }
-    }
+    for (int i = 0; i < 2; ++i)
+      cp_async_n(a_st + a_dst[i], a_src + a_off[i], a_n[i]);
         
+    const u16* b_src = B_k + (long long)tile * 32;
+    const u32 b_st = sB_u + stage * 8192;
     #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int idx = tid + i * 256;
+    for (int i = 0; i < 2; ++i)
+      cp_async_n(b_st + b_dst[i], b_src + b_off[i], b_n[i]);
+      }
+    }
+    cp_async_commit();
+    {  // compute k-tile kt + 0
+      const int tile = kt + 0;
       {
-        const int row = (idx / 4);
-        const int col = ((idx % 4) * 8);
-        const int g_mn = (n0 + row);
-        const int g_k = (k0 + col);
-        const bool ok = (((g_k < 128) && (g_mn < 512)) && (g_k < k_end));
-        const int off = ok ? ((g_mn * 128) + g_k) : 0;
-        cp_async(smem_u32(sB + stage * 4096 + (((row * 32) + (((col >> 3) ^ ((row / 2) & 3)) * 8)) + (col & 7))), B + (ok ? off : 0), ok, 16);
-      }
-    }
-      }
-      cp_async_commit();
-    }
-    {
-      const int stage = kt % 3;
-      
+        const int stage = tile % 3;
+        
       #pragma unroll
       for (int ks = 0; ks < 32; ks += 16) {
         u32 af[4][4];
         u32 bf[4][2];
         #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
-          ldsm_x4(smem_u32(sA + stage * 4096 + ((((((wm0 + (mi * 16)) + (((lane >> 3) & 1) * 8)) + (lane & 7)) * 32) + ((((ks + (((lane >> 3) >> 1) * 8)) >> 3) ^ (((((wm0 + (mi * 16)) + (((lane >> 3) & 1) * 8)) + (lane & 7)) / 2) & 3)) * 8)) + ((ks + (((lane >> 3) >> 1) * 8)) & 7))),
+          ldsm_x4(sA_u + (stage * 4096 + ((((((wm0 + (mi * 16)) + (((lane >> 3) & 1) * 8)) + (lane & 7)) * 32) + ((((ks + (((lane >> 3) >> 1) * 8)) >> 3) ^ (((((wm0 + (mi * 16)) + (((lane >> 3) & 1) * 8)) + (lane & 7)) / 2) & 3)) * 8)) + ((ks + (((lane >> 3) >> 1) * 8)) & 7))) * 2,
                 af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
         #pragma unroll
         for (int nj = 0; nj < 4; nj += 2)
-          ldsm_x4(smem_u32(sB + stage * 4096 + ((((((wn0 + (nj * 8)) + (((lane >> 3) >> 1) * 8)) + (lane & 7)) * 32) + ((((ks + (((lane >> 3) & 1) * 8)) >> 3) ^ (((((wn0 + (nj * 8)) + (((lane >> 3) >> 1) * 8)) + (lane & 7)) / 2) & 3)) * 8)) + ((ks + (((lane >> 3) & 1) * 8)) & 7))),
+          ldsm_x4(sB_u + (stage * 4096 + ((((((wn0 + (nj * 8)) + (((lane >> 3) >> 1) * 8)) + (lane & 7)) * 32) + ((((ks + (((lane >> 3) & 1) * 8)) >> 3) ^ (((((wn0 + (nj * 8)) + (((lane >> 3) >> 1) * 8)) + (lane & 7)) / 2) & 3)) * 8)) + ((ks + (((lane >> 3) & 1) * 8)) & 7))) * 2,
                 bf[nj][0], bf[nj][1], bf[nj + 1][0], bf[nj + 1][1]);
         #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
@@ -171,24 +198,35 @@ mpk_gemm_float16_51285fa72f27(const u16* __restrict__ A, const u16* __restrict__
                          : "r"(af[mi][0]), "r"(af[mi][1]), "r"(af[mi][2]), "r"(af[mi][3]),
                            "r"(bf[ni][0]), "r"(bf[ni][1]));
       }
+      }
     }
   }
   cp_async_wait<0>();
+    __syncthreads();
 
+  u16* stage_c = reinterpret_cast<u16*>(smem) + warp * 2560;
   #pragma unroll
   for (int mi = 0; mi < 4; ++mi)
     #pragma unroll
     for (int ni = 0; ni < 4; ++ni)
       #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int row = (((m0 + wm0) + (mi * 16)) + ((lane >> 2) + (8 * (i >> 1))));
-        const int col = (((n0 + wn0) + (ni * 8)) + ((2 * (lane & 3)) + (i & 1)));
-        if (row < 256 && col < 512) {
-          float x = acc[mi][ni][i];
-            x += f16_to_f32(bias[col]);
-            x = fmaxf(x, 0.f);
-          const int off = ((row * 512) + col);
-          C[off] = f32_to_f16(x);
-        }
+        const int col = min((((n0 + wn0) + (ni * 8)) + ((2 * (lane & 3)) + (i & 1))), 511);
+        float x = acc[mi][ni][i];
+          x += f16_to_f32(bias[col]);
+          x = fmaxf(x, 0.f);
+        stage_c[(((((mi * 16) + ((lane >> 2) + (8 * (i >> 1)))) * 40) + (ni * 8)) + ((2 * (lane & 3)) + (i & 1)))] = f32_to_f16(x);
+        (void)col;
       }
+  __syncwarp();
+  #pragma unroll
+  for (int p = 0; p < 8; ++p) {
+    const int row = m0 + wm0 + (((p * 32) + lane) / 4);
+    const int col = n0 + wn0 + ((((p * 32) + lane) % 4) * 8);
+    const u16* src = stage_c + (((p * 32) + lane) / 4) * 40 + ((((p * 32) + lane) % 4) * 8);
+    if (row < 256) {
+      const int off = ((row * 512) + col);
+      if (col < 512) *reinterpret_cast<uint4*>(C + off) = *reinterpret_cast<const uint4*>(src);
+    }
+  }
 }
