@@ -373,19 +373,101 @@ def test_verify_rejects_a_lost_k_slice_on_random_inputs_too():
     assert verify.check_bounded(call.problem, good, want, bound)[1] < 1
 
 
+@pytest.mark.parametrize("out", ["float32", "float16"])
+def test_the_sqrt_k_bound_catches_a_lost_k_slice_at_long_k(out):
+    """K = 100352 (the res2 weight gradient): an FP32 accumulation passes the shared bound with a
+    wide margin, one lost k-slice of 32 products fails it (a K u32 bound would accept it)."""
+    call = gemm_call(16, 16, 100352, out=out)
+    a, b, bias, scale = verify.make_operands(call.problem, "random", "cpu",
+                                             torch.Generator().manual_seed(0))
+    want, bound = verify.expected(call.problem, a, b, bias, scale)
+    dt = getattr(torch, out)
+    honest = (a.float() @ b.float()).to(dt)
+    why, worst = verify.check_bounded(call.problem, honest, want, bound)
+    assert why is None and worst < 0.5, worst
+    lost = (a[:, 32:].float() @ b[32:].float()).to(dt)
+    why, worst = verify.check_bounded(call.problem, lost, want, bound)
+    assert why is not None and worst > 1, worst
+
+
+def _truncating_accumulation(a: torch.Tensor, b: torch.Tensor, step: int = 16) -> torch.Tensor:
+    """A @ B as a tensor core might accumulate it: exact products of each k16 block summed in
+    float64, then the FP32 accumulator rounded toward zero after every block (the worst
+    documented rounding; round-to-nearest errs less)."""
+    acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64)
+    a64, b64 = a.double(), b.double()
+    for k0 in range(0, a.shape[1], step):
+        exact = acc + a64[:, k0:k0 + step] @ b64[k0:k0 + step]
+        r = exact.float()
+        toward_zero = torch.nextafter(r, torch.zeros_like(r))
+        acc = torch.where(r.double().abs() > exact.abs(), toward_zero, r).double()
+    return acc.float()
+
+
+@pytest.mark.parametrize("k", [4096, 100352])
+def test_a_truncating_fp32_accumulator_passes_the_shared_bound(k):
+    """The reason C_SQRT_K is 2 and not smaller: a correct kernel whose FP32 accumulator
+    truncates after every k16 step must pass, with margin (measured: 0.05 of the bound at
+    K = 4096, 0.06 at K = 100352), on the verification's own random inputs, while one lost
+    k-slice of 32 products fails (measured: 565x and 5.2x the bound)."""
+    call = gemm_call(8, 8, k, out="float32")
+    a, b, bias, scale = verify.make_operands(call.problem, "random", "cpu",
+                                             torch.Generator().manual_seed(1))
+    want, bound = verify.expected(call.problem, a, b, bias, scale)
+    why, worst = verify.check_bounded(call.problem, _truncating_accumulation(a, b), want, bound)
+    assert why is None and worst < 0.25, worst
+    lost = _truncating_accumulation(a[:, 32:], b[32:])
+    why, worst = verify.check_bounded(call.problem, lost, want, bound)
+    assert why is not None and worst > 1, worst
+
+
 def test_poisoning_is_what_catches_an_unwritten_element():
     """With a zero-filled output the idle kernel's element can pass; poisoned, it cannot."""
     call = CALLS["gemm bias relu"]
     ops = verify.make_operands(call.problem, "int", "cpu", torch.Generator().manual_seed(0), v=3)
-    want = verify.expected(call.problem, *ops)[0]
+    want, bound = verify.expected(call.problem, *ops, exact=True)
     zeros = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype)  # noqa: E731
     idle = _through_model(call, _Idle)
     # relu makes many exact results 0, so a zero-filled buffer can hide the element
     got_zero = idle(*ops, alloc=zeros)
     got_nan = idle(*ops, alloc=verify.poisoned)
-    assert verify.check_exact(call.problem, got_nan, want) is not None
+    assert verify.check_exact(call.problem, got_nan, want, bound)[0] is not None
+    got_guarded = idle(*ops, alloc=verify.Guarded())
+    assert verify.check_exact(call.problem, got_guarded, want, bound)[0] is not None
     if want.view(-1)[-1] == 0:
-        assert verify.check_exact(call.problem, got_zero, want) is None
+        assert verify.check_exact(call.problem, got_zero, want, bound) == (None, 0)
+
+
+class _Overrun(ModelLauncher):
+    """Right output, plus one store just past its end (or before its start)."""
+
+    offset = 1
+
+    def __call__(self, a, b, c, bias=None, scale=None):
+        super().__call__(a, b, c, bias, scale)
+        if self.offset > 0:
+            torch.as_strided(c, (c.numel() + 1,), (1,))[-1] = 0
+        else:
+            torch.as_strided(c, (1,), (1,), c.storage_offset() - 1)[0] = 0
+
+
+class _Underrun(_Overrun):
+    offset = -1
+
+
+@pytest.mark.parametrize("name", ["gemm", "conv wgrad split-K"])
+def test_verify_catches_a_write_outside_the_output(name):
+    """The runtime's verification allocates outputs between canaries (``verify.Guarded``
+    through ``launch_result``'s ``alloc``): a kernel whose output is right but that also stores
+    one element past its end, or before its start, fails; the canaries alone catch it."""
+    call = CALLS[name]
+    for cls in (_Overrun, _Underrun):
+        r = verify.run_checks(call.problem, _through_model(call, cls), "cpu")
+        assert not r.ok and r.canary_damage == 2, r  # one per launch (integers, random)
+        assert r.int_mismatches in (0, None) and r.err_bound <= 1 and r.unwritten == 0, r
+        v = verify.verify(call.problem, _through_model(call, cls), "cpu")
+        assert not v.ok and "canary" in v.detail, v.detail
+    assert verify.run_checks(call.problem, _through_model(call), "cpu").canary_damage == 0
 
 
 def test_verify_pads_gemm_operands_with_nan():

@@ -9,11 +9,13 @@ implementation, autograd formula), whose implementation is :meth:`Runtime.run`:
   operand dtype) and logs one line; ``mode="on"`` raises :class:`KernelError`;
 - on CUDA: on first use of a kernel on a device (the verdict is kept per kernel and device:
   name, arch, index, driver version) the generated kernel must pass ``verify.verify`` (NaN-
-  poisoned output, exact-integer and sqrt(K)-bounded random checks). With ``autotune`` every
-  preset tile that builds is verified and the fastest passing one is kept; ``"auto"`` also
-  times the library op and keeps it when it is faster. No candidate passing, or a kernel that
-  fails to compile or launch: the library op, with the reason logged once and shown in
-  ``KernelCall.backend``. Never the FP32 reference on a GPU, never an unverified kernel.
+  poisoned output between canaries, so an unwritten element or a write outside the output
+  fails; exact-integer and sqrt(K)-bounded random checks; the checks ``scripts/gpu_check.py``
+  runs). With ``autotune`` every preset tile that builds is verified and the fastest passing one
+  is kept; ``"auto"`` also times the library op and keeps it when it is faster. No candidate
+  passing, or a kernel that fails to compile or launch: the library op, with the reason logged
+  once and shown in ``KernelCall.backend``. Never the FP32 reference on a GPU, never an
+  unverified kernel.
   The candidates (:func:`candidates`, each a :class:`Variant`) are the sm_80+ mma.sync kernel
   with each preset tile and, on an sm_90 device, the Hopper wgmma/TMA kernel
   (``codegen/hopper.py``) with each of its presets when ``hopper.supports`` the spec: under
@@ -189,8 +191,9 @@ def library_result(call: Call, x, y, bias, scale) -> torch.Tensor:
 def launch_result(launcher, call: Call, spec: KernelSpec, x, y, bias, scale,
                   alloc: verify.Alloc | None = None) -> torch.Tensor:
     """Run ``launcher`` (``launch.Loaded`` or a stand-in with its call) for ``spec`` on the
-    call's operands: realigned operands, output allocated by ``alloc`` (NaN-poisoned when
-    verifying), split-K partials summed in FP32, the result in the call's final dtype, NCHW."""
+    call's operands: realigned operands, output allocated by ``alloc`` (when verifying a
+    ``verify.Guarded``: NaN-poisoned, between canaries), split-K partials summed in FP32, the
+    result in the call's final dtype, NCHW."""
     alloc = alloc or (lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device))
     dev = x.device
     out_dtype = from_name(spec.epilogue.out)
