@@ -1,17 +1,21 @@
 """The Hopper (sm_90a) GEMM path: layouts against the PTX ISA, the NumPy model against float64
-matmuls on ragged shapes, tensor-map arguments, refusals, and NVRTC -> cubin -> SASS (HGMMA with
-FP32 accumulation, TMA, mbarriers, setmaxnreg, no spills). Two kernels compile by default; the
-sweep is ``-m slow``; the launch against torch.matmul is ``-m gpu``."""
+matmuls on ragged shapes, the mbarrier pipeline protocol as data (the model runs it under every
+interleaving on ragged work and rejects each single mutation of it; the rendered C++ is read back
+and must say what the data says), the staged 16-byte epilogue, tensor-map arguments, refusals,
+and NVRTC -> cubin -> SASS (HGMMA with FP32 accumulation, TMA, mbarriers, setmaxnreg, STG.E.128
+when staged, no spills). Four kernels compile by default; the sweep is ``-m slow``; the launch
+against torch.matmul is ``-m gpu``."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
 import pytest
 import torch
 
-from mpcompile.codegen import hopper, hopper_model
+from mpcompile.codegen import hopper, hopper_model, hopper_protocol
 from mpcompile.codegen import wgmma as wg
 from mpcompile.codegen.epilogue import round_to
 from mpcompile.codegen.spec import (
@@ -22,6 +26,7 @@ from mpcompile.codegen.spec import (
     conv_gemm_shape,
     widest_vec,
 )
+from mpcompile.dtypes import info as dtype_info
 from mpcompile.errors import KernelError
 from mpcompile.runtime import sass, tma
 
@@ -182,16 +187,6 @@ def test_model_long_k_wraps_the_ring_many_times():
     np.testing.assert_allclose(got, a_mat @ b_mat, rtol=1e-12, atol=1e-9)
 
 
-def test_model_catches_a_wrong_parity(monkeypatch):
-    """A producer waiting for the wrong phase of ``empty`` never starts: deadlock is reported."""
-    monkeypatch.setattr(hopper_model.MBarrier, "ready", lambda self, parity: self.phase == parity
-                        if self.count > 1 else self.phase != parity)
-    spec = gemm(64, 64, 128)
-    _, _, a, b = operands(spec, np.random.default_rng(6))
-    with pytest.raises(hopper_model.HopperModelError, match="deadlock"):
-        hopper_model.run(spec, SMALL, a, b)
-
-
 def test_model_catches_a_wrong_descriptor(monkeypatch):
     """The model is not the identity: shift the descriptors' K step and it refuses."""
     spec = gemm(64, 64, 64)
@@ -216,9 +211,351 @@ def test_model_catches_a_missing_wait(monkeypatch):
             return True
 
     monkeypatch.setattr(hopper_model, "MBarrier", NoWait)
-    with pytest.raises(hopper_model.HopperModelError, match="did not write"):
+    with pytest.raises(hopper_model.HopperModelError, match="did not write|overwritten|read for"):
         hopper_model.run(spec, SMALL, a, b)
     assert waits
+
+
+# -- the pipeline protocol as data ------------------------------------------------------------
+
+P = hopper_protocol
+Op = P.Op
+
+
+def _mutate(protocol, part, index, **change):
+    """``protocol`` with step ``index`` of ``part`` (producer, consumer, drain) replaced by
+    a copy with ``change`` (or removed, for ``change == {}``)."""
+    steps = list(getattr(protocol, part))
+    if change:
+        steps[index] = dataclasses.replace(steps[index], **change)
+    else:
+        del steps[index]
+    return dataclasses.replace(protocol, **{part: tuple(steps)})
+
+
+def _find(protocol, part, op, bar=None):
+    return next(i for i, s in enumerate(getattr(protocol, part))
+                if s.op is op and (bar is None or s.bar == bar))
+
+
+def _count(protocol, name, count):
+    return dataclasses.replace(protocol, barriers=tuple(
+        dataclasses.replace(b, count=count) if b.name == name else b for b in protocol.barriers))
+
+
+@pytest.mark.parametrize("staged", [False, True])
+@pytest.mark.parametrize("stages,consumers", [(2, 1), (2, 2), (4, 2), (6, 1)])
+@pytest.mark.parametrize("k_tiles,tiles", [(1, 1), (1, 5), (3, 0), (3, 2), (5, 3), (13, 2)])
+def test_protocol_never_deadlocks_under_any_interleaving(stages, consumers, k_tiles, tiles,
+                                                         staged):
+    """The kernel's protocol on ragged work: a CTA with no tile, a single k-tile, K shorter than
+    the ring (k_tiles < stages), the ring wrapping inside and across tiles; every interleaving
+    of producer, TMA unit and consumers finishes, every stage read holds its k-tile, no stage is
+    overwritten under a wgmma, every barrier phase completes on exactly its arrivals; the
+    staged epilogue's stage is not refilled under it."""
+    protocol = P.Protocol.for_ring(stages, consumers, 49152, staged=staged)
+    hopper_model.check_protocol(protocol, k_tiles, tiles, _BOXES)
+
+
+@pytest.mark.parametrize("stages,in_flight", [(3, 2), (4, 3), (5, 2)])
+@pytest.mark.parametrize("k_tiles", [1, 2, 9])
+def test_protocol_with_deeper_wgmma_pipelines(stages, in_flight, k_tiles):
+    """``wait_group n`` with the release n k-tiles back and a drain releasing the last n (or
+    fewer, when the tile has fewer k-tiles) is sound for stages > n; stages == n deadlocks."""
+    p = P.Protocol.for_ring(stages, 2, 49152, in_flight=in_flight)
+    hopper_model.check_protocol(p, k_tiles, 3, _BOXES)
+    tight = P.Protocol.for_ring(in_flight, 2, 49152, in_flight=in_flight)
+    with pytest.raises(hopper_model.HopperModelError, match="deadlock"):
+        hopper_model.check_protocol(tight, in_flight + 1, 1, _BOXES)
+
+
+def test_protocol_of_a_spec_is_what_the_kernel_loads():
+    spec = gemm(1000, 1000, 1000, "float16", "col", "row")
+    for cfg in hopper.PRESETS:
+        p = hopper.protocol_for(spec, cfg)
+        assert (p.stages, p.consumers) == (cfg.stages, cfg.consumers)
+        tx = [s.n for s in p.producer if s.op is Op.EXPECT_TX]
+        assert tx == [(cfg.bm + cfg.bn) * cfg.bk * 2]
+        assert p.barrier("empty").count == 4 * cfg.consumers and p.barrier("full").count == 1
+        boxes = tuple(pl.box_bytes for o in "ab" for pl in [hopper.operand_plan(spec, cfg, o)]
+                      for _ in range(pl.boxes))
+        assert sum(boxes) == tx[0]
+        hopper_model.check_protocol(p, cfg.stages + 1, 2, boxes)
+
+
+_BOXES = (16384, 32768)  # A 128x64 and B 256x64 boxes of 16-bit elements: 49152 bytes
+_GOOD = P.Protocol.for_ring(3, 2, 49152)
+_MUTANTS = {  # name: (mutated protocol, what the model reports)
+    "empty count one short": (_count(_GOOD, "empty", 7), "without"),
+    "empty count one over": (_count(_GOOD, "empty", 9), "deadlock"),
+    "empty count one warpgroup": (_count(_GOOD, "empty", 4), "without"),
+    "full count 2": (_count(_GOOD, "full", 2), "deadlock"),
+    "producer waits parity phase": (
+        _mutate(_GOOD, "producer", _find(_GOOD, "producer", Op.WAIT), n=0), "deadlock"),
+    "consumer waits parity phase^1": (
+        _mutate(_GOOD, "consumer", _find(_GOOD, "consumer", Op.WAIT), n=1),
+        "read for k-tile|overwritten|deadlock"),
+    "release before retiring": (
+        _mutate(_GOOD, "consumer", _find(_GOOD, "consumer", Op.RELEASE), n=0), "overwritten"),
+    "wait_group 2 with release lag 1": (
+        _mutate(_GOOD, "consumer", _find(_GOOD, "consumer", Op.WAIT_GROUP), n=2),
+        "overwritten"),
+    "release lag 3 = stages": (
+        _mutate(_GOOD, "consumer", _find(_GOOD, "consumer", Op.RELEASE), n=3), "deadlock"),
+    "release per warpgroup": (
+        _mutate(_GOOD, "consumer", _find(_GOOD, "consumer", Op.RELEASE), unit="warpgroup"),
+        "deadlock"),
+    "release per thread": (
+        _mutate(_GOOD, "consumer", _find(_GOOD, "consumer", Op.RELEASE), unit="thread"),
+        "more arrivals|without"),
+    "release of the wrong barrier": (
+        _mutate(_GOOD, "consumer", _find(_GOOD, "consumer", Op.RELEASE), bar="full"),
+        "more arrivals|without|deadlock"),
+    "expect_tx bytes low": (
+        _mutate(_GOOD, "producer", _find(_GOOD, "producer", Op.EXPECT_TX), n=49152 - 16),
+        "more bytes"),
+    "expect_tx bytes high": (
+        _mutate(_GOOD, "producer", _find(_GOOD, "producer", Op.EXPECT_TX), n=49152 + 16),
+        "deadlock"),
+    "no drain release": (_mutate(_GOOD, "drain", _find(_GOOD, "drain", Op.RELEASE)),
+                         "deadlock"),
+    "no drain wait_group": (_mutate(_GOOD, "drain", _find(_GOOD, "drain", Op.WAIT_GROUP)),
+                            "in flight"),
+    "no fence": (_mutate(_GOOD, "consumer", _find(_GOOD, "consumer", Op.FENCE)), "fence"),
+    "no producer wait": (_mutate(_GOOD, "producer", _find(_GOOD, "producer", Op.WAIT)),
+                         "overwritten|read for k-tile"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MUTANTS))
+def test_model_rejects_a_mutated_protocol(name):
+    """Each single mutation of the protocol data makes the model raise (and the original
+    passes the same runs: see the test above)."""
+    protocol, match = _MUTANTS[name]
+    with pytest.raises(hopper_model.HopperModelError, match=match):
+        hopper_model.check_protocol(protocol, 7, 3, _BOXES)
+
+
+def test_model_data_path_runs_the_given_protocol():
+    """``run`` executes the protocol it is given: announcing only A's bytes fails on the real
+    TMA boxes (B's box completes more bytes than announced)."""
+    spec = gemm(64, 64, 128)
+    _, _, a, b = operands(spec, np.random.default_rng(7))
+    good = hopper.protocol_for(spec, SMALL)
+    a_bytes = hopper.operand_plan(spec, SMALL, "a").stage_bytes
+    low = _mutate(good, "producer", _find(good, "producer", Op.EXPECT_TX), n=a_bytes)
+    with pytest.raises(hopper_model.HopperModelError, match="more bytes"):
+        hopper_model.run(spec, SMALL, a, b, protocol=low)
+    for policy in hopper_model.POLICIES:  # and the good one under every interleaving
+        hopper_model.run(spec, SMALL, a, b, protocol=good, policy=policy)
+
+
+def test_model_and_sass_of_a_two_group_wgmma_pipeline():
+    """The deeper protocol (wait_group 2, release two k-tiles back) computes the product in the
+    model, and its kernel's SASS waits with WARPGROUP.DEPBAR.LE gsb0, 0x2: the depth comes from
+    the data."""
+    cfg = hopper.HopperConfig(bm=128, bn=64, stages=3)
+    spec = gemm(150, 100, 64 * 5, "float16", "row", "col", out="float32")
+    p = P.Protocol.for_ring(3, 2, (128 + 64) * 64 * 2, in_flight=2)
+    a_mat, b_mat, a, b = operands(spec, np.random.default_rng(8))
+    got = hopper_model.run(spec, cfg, a, b, grid=2, protocol=p, policy="eager_producer")
+    np.testing.assert_allclose(got.reshape(spec.m, spec.ldc), a_mat @ b_mat, rtol=1e-12,
+                               atol=1e-9)
+    from mpcompile.runtime import nvrtc
+
+    compiled = nvrtc.compile_cubin(hopper.render_hopper(spec, cfg, protocol=p),
+                                   hopper.kernel_name(spec, cfg), hopper.ARCH)
+    code = sass.disassemble(compiled.cubin)
+    assert "WARPGROUP.DEPBAR.LE gsb0, 0x2" in code and "gsb0, 0x1" not in code
+    assert (compiled.info.spill_stores, compiled.info.stack_frame) == (0, 0)
+
+
+@pytest.mark.parametrize("k", [40, 64, 200])
+def test_model_k_shorter_than_the_ring(k):
+    """A single (partial) k-tile, exactly one, and 4 k-tiles through a 6-stage ring."""
+    cfg = hopper.PRESETS[1]  # 128 x 128, 6 stages
+    rng = np.random.default_rng(k)
+    spec = gemm(130, 140, k, "bfloat16", "row", "row", out="float32")
+    a_mat, b_mat, a, b = operands(spec, rng)
+    got = hopper_model.run(spec, cfg, a, b, grid=2, policy="lazy_tma")
+    np.testing.assert_allclose(got.reshape(spec.m, spec.ldc), a_mat @ b_mat, rtol=1e-12,
+                               atol=1e-9)
+
+
+_STAGED = P.Protocol.for_ring(3, 2, 49152, staged=True)
+
+
+@pytest.mark.parametrize("mutation,match", [
+    ("release before the store", "released before the epilogue|overwritten"),
+    ("release in the drain", "released before the epilogue|overwritten"),
+    ("store through the stage 2 back", "released before the epilogue|overwritten"),
+    ("store before the drain's wait_group", "in flight")])
+def test_model_rejects_a_misplaced_staged_epilogue(mutation, match):
+    """The staged epilogue reuses the last k-tile's stage: released any earlier, the producer
+    refills it under the epilogue's feet (the good protocol passes the same runs)."""
+    hopper_model.check_protocol(_STAGED, 7, 3, _BOXES)
+    store, release = _STAGED.epilogue
+    p = {"release before the store": dataclasses.replace(_STAGED, epilogue=(release, store)),
+         "release in the drain": dataclasses.replace(
+             _STAGED, drain=(*_STAGED.drain, release), epilogue=(store,)),
+         "store through the stage 2 back": dataclasses.replace(
+             _STAGED, epilogue=(dataclasses.replace(store, n=2), release)),
+         "store before the drain's wait_group": dataclasses.replace(
+             _STAGED, drain=(), epilogue=(store, release))}[mutation]
+    with pytest.raises(hopper_model.HopperModelError, match=match):
+        hopper_model.check_protocol(p, 7, 3, _BOXES)
+
+
+@pytest.mark.parametrize("out,n,ldc", [("bfloat16", 203, 208), ("float32", 130, 132),
+                                       ("float16", 64, 64)])
+def test_model_staged_epilogue_matches_the_direct_one(out, n, ldc):
+    """16-byte stores through shared memory, ragged N inside an aligned ldc, two m64 blocks per
+    warpgroup: the same output as the register epilogue and the float64 product."""
+    cfg = hopper.HopperConfig(bm=256, bn=128, stages=2)
+    spec = gemm(300, n, 100, "float16", "row", "col", ops=("bias_n", "relu"), out=out,
+                ldc=ldc)
+    assert hopper.staged_epilogue(spec)
+    rng = np.random.default_rng(n)
+    a_mat, b_mat, a, b = operands(spec, rng)
+    bias = rng.standard_normal(spec.n)
+    staged = hopper.protocol_for(spec, cfg)
+    assert staged.epilogue[0] == P.Step(Op.STORE, n=1)
+    direct = P.Protocol.for_ring(cfg.stages, cfg.consumers, staged.producer[1].n)
+    got = hopper_model.run(spec, cfg, a, b, bias=bias, grid=3, protocol=staged)
+    np.testing.assert_array_equal(got, hopper_model.run(spec, cfg, a, b, bias=bias, grid=3,
+                                                        protocol=direct))
+    want = np.maximum(a_mat @ b_mat + bias, 0)
+    want = want if out == "float32" else round_to(want, out)  # the model keeps FP32 in float64
+    np.testing.assert_allclose(got.reshape(spec.m, ldc)[:, :n], want, rtol=1e-12, atol=1e-12)
+    assert (got.reshape(spec.m, ldc)[:, n:] == 0).all()  # the padding columns are not written
+
+
+def test_model_refuses_a_staged_epilogue_on_unaligned_rows():
+    spec = gemm(64, 60, 64, ldc=60)  # 120-byte rows: the kernel uses the register epilogue
+    _, _, a, b = operands(spec, np.random.default_rng(9))
+    staged = P.Protocol.for_ring(SMALL.stages, SMALL.consumers, (128 + 64) * 128, staged=True)
+    with pytest.raises(hopper_model.HopperModelError, match="misaligned"):
+        hopper_model.run(spec, SMALL, a, b, protocol=staged)
+    hopper_model.run(spec, SMALL, a, b)  # its own protocol stores from registers
+
+
+def test_staged_epilogue_needs_aligned_rows():
+    assert hopper.staged_epilogue(gemm(64, 64, 64, ldc=64))
+    assert not hopper.staged_epilogue(gemm(64, 60, 64, ldc=60))  # 120 bytes per row
+    assert hopper.staged_epilogue(gemm(64, 60, 64, out="float32", ldc=60))  # 240 bytes
+    assert tma.c_alignment(gemm(64, 64, 64, ldc=64)) == 16
+    assert tma.c_alignment(gemm(64, 60, 64, ldc=60)) == 4
+
+
+def _protocol_in_source(src: str) -> dict:
+    """What the rendered kernel does with its mbarriers, read back from the C++."""
+    producer = src[src.index("// producer warpgroup"):src.index("// consumer warpgroups")]
+    consumer = src[src.index("// consumer warpgroups"):]
+    body = consumer[consumer.index("for (int kt"):consumer.index("wgmma_wait<", consumer.index(
+        "wgmma_commit"))]
+    loop_end = consumer.index("\n      }\n", consumer.index("for (int kt"))
+    epilogue_at = min(consumer.find(mark, loop_end) % len(consumer)
+                      for mark in ("{  // staged epilogue", "#pragma unroll"))
+    drain, epilogue = consumer[loop_end:epilogue_at], consumer[epilogue_at:]
+    waits = r"mbar_wait\((\w+)0 \+ 8 \* stage, phase( \^ 1)?\)"
+    release = r"mbar_arrive\((\w+)0 \+ 8 \* \((?:\(stage \+ (\d+)\) % \d+|stage)\)\)"
+    stages = int(re.search(r"if \(\+\+stage == (\d+)\)", producer).group(1))
+    return {
+        "init": dict((n, int(c)) for n, c in re.findall(r"mbar_init\((\w+)0 \+ 8 \* s, (\d+)\)",
+                                                       src)),
+        "producer_waits": [(n, int(bool(f))) for n, f in re.findall(waits, producer)],
+        "consumer_waits": [(n, int(bool(f))) for n, f in re.findall(waits, body)],
+        "expect_tx": [(n, int(b)) for n, b in
+                      re.findall(r"mbar_expect_tx\((\w+)0 \+ 8 \* stage, (\d+)u\)", producer)],
+        "tma_barrier": re.findall(r"const u32 bar = (\w+)0 \+ 8 \* stage", producer),
+        "wait_groups": [int(n) for n in re.findall(r"wgmma_wait<(\d+)>", consumer)],
+        "releases": [(n, (stages - int(s or stages)) % stages)
+                     for n, s in re.findall(release, consumer[:loop_end])],
+        "drain_releases": [(n, (stages - int(s or stages)) % stages)
+                           for n, s in re.findall(release, drain)],
+        "epilogue_releases": [(n, (stages - int(s or stages)) % stages)
+                              for n, s in re.findall(release, epilogue)],
+        "staged_through": [(stages - int(s or stages)) % stages for s in re.findall(
+            r"16-byte stores through stage (?:\(stage \+ (\d+)\) % \d+|stage)", epilogue)],
+        "guards": re.findall(r"if \((.*)\) mbar_arrive", consumer),
+    }
+
+
+def _protocol_expected(p, k_tiles: int) -> dict:
+    def waits(steps):
+        return [(s.bar, s.n) for s in steps if s.op is Op.WAIT]
+
+    def releases(steps):
+        return [(s.bar, s.n % p.stages) for s in steps if s.op is Op.RELEASE]
+
+    def guards(steps, i):
+        out, advanced = [], False
+        for s in steps:
+            advanced |= s.op is Op.ADVANCE
+            if s.op is Op.RELEASE:  # the k-tile s.n back exists from k-tile s.n (- 1) on
+                first = [f"kt{' + 1' if advanced else ''} >= {s.n}"] if s.n > advanced else []
+                if i is None or i >= s.n:
+                    out.append(" && ".join(first * (i is None) + [
+                        {"warp": "(threadIdx.x & 31) == 0", "warpgroup": "t == 0"}[s.unit]]))
+        return out
+
+    return {
+        "guards": guards(p.consumer, None) + guards(p.drain, k_tiles) +
+        guards(p.epilogue, k_tiles),
+        "init": {b.name: b.count for b in p.barriers},
+        "producer_waits": waits(p.producer), "consumer_waits": waits(p.consumer),
+        "expect_tx": [(s.bar, s.n) for s in p.producer if s.op is Op.EXPECT_TX],
+        "tma_barrier": [s.bar for s in p.producer if s.op is Op.LOAD],
+        "wait_groups": [s.n for s in (*p.consumer, *p.drain) if s.op is Op.WAIT_GROUP],
+        "releases": releases(p.consumer),
+        "drain_releases": releases(s for s in p.drain if s.op is not Op.RELEASE
+                                   or s.n <= k_tiles),
+        "epilogue_releases": releases(p.epilogue),
+        "staged_through": [s.n % p.stages for s in p.epilogue if s.op is Op.STORE and s.n],
+    }
+
+
+_DEEP = P.Protocol.for_ring(3, 2, (128 + 64) * 64 * 2, in_flight=2)
+
+
+@pytest.mark.parametrize("k", [500, 64])
+@pytest.mark.parametrize("mutant", ["", "in flight 2", "staged lag 2", "direct",
+                                    "empty count one short", "full count 2",
+                                    "producer waits parity phase",
+                                    "consumer waits parity phase^1", "release lag 3 = stages",
+                                    "wait_group 2 with release lag 1", "expect_tx bytes low",
+                                    "release of the wrong barrier", "release per warpgroup"])
+def test_rendered_kernel_takes_its_protocol_from_the_data(mutant, k):
+    """Not a snapshot: the init counts, wait parities, expect_tx bytes, the TMA loads' barrier,
+    wait_group depths, release stages and which threads release from which k-tile on, read back
+    from the C++, are the protocol's, for the
+    kernel's own protocol and for mutants of it (so none is a constant in the renderer)."""
+    spec = gemm(300, 200, k, "float16", "row", "col")  # 8 k-tiles or 1
+    cfg = hopper.HopperConfig(bm=128, bn=64, stages=3)
+    own = hopper.protocol_for(spec, cfg)
+    store, release = own.epilogue
+    p = {"": own, "in flight 2": _DEEP,
+         "staged lag 2": dataclasses.replace(own, epilogue=(
+             dataclasses.replace(store, n=2), release)),
+         "direct": P.Protocol.for_ring(3, 2, (128 + 64) * 64 * 2)}.get(mutant) or \
+        _MUTANTS[mutant][0]
+    if not mutant:  # ldc * 2 bytes = 400: a multiple of 16, so the epilogue is staged
+        assert p == P.Protocol.for_ring(3, 2, (128 + 64) * 64 * 2, staged=True)
+    got = _protocol_in_source(hopper.render_hopper(spec, cfg, protocol=p))
+    assert got == _protocol_expected(p, -(-k // 64))
+
+
+def test_renderer_refuses_a_protocol_that_does_not_fit_the_config():
+    spec = gemm(300, 200, 500)
+    with pytest.raises(P.ProtocolError, match="does not fit"):
+        hopper.render_hopper(spec, SMALL, protocol=P.Protocol.for_ring(3, 2, 1024))
+    with pytest.raises(P.ProtocolError, match="exactly one load"):
+        P.Protocol(2, 1, (P.Barrier("full", 1),), (P.Step(Op.ADVANCE),),
+                   (P.Step(Op.MMA), P.Step(Op.ADVANCE)), ())
+    with pytest.raises(P.ProtocolError, match="no barrier 'half'"):
+        _mutate(_GOOD, "consumer", _find(_GOOD, "consumer", Op.RELEASE), bar="half")
+    with pytest.raises(P.ProtocolError, match="parity flip"):
+        P.Step(Op.WAIT, "full", 2)
 
 
 # -- tensor maps, configs, refusals --------------------------------------------------------------
@@ -305,6 +642,16 @@ def _sass_checks(spec: KernelSpec, config: hopper.HopperConfig) -> None:
     assert re.search(r"USETMAXREG\.DEALLOC\.CTAPOOL .*0x" + f"{config.producer_regs:x}", code)
     assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in code  # one wgmma group kept in flight
     assert "HMMA" not in " ".join(m for m in mma if not m.startswith("HGMMA"))
+    # fence.mbarrier_init, and in the staged epilogue fence.proxy.async before the stage refill
+    fences = code.count("FENCE.VIEW.ASYNC.S")
+    if hopper.staged_epilogue(spec):  # 16-byte stores from the named-barrier-synced staging
+        ob = dtype_info(spec.epilogue.out).torch.itemsize
+        chunks = config.m_repeats * config.bn * ob // 128
+        assert code.count("STG.E.128") == code.count("LDS.128") == 4 * chunks  # 4 passes
+        assert code.count("BAR.SYNC") == 1 + 2 * chunks  # __syncthreads + 2 per chunk
+        assert fences == 2
+    else:
+        assert "STG.E.128" not in code and code.count("BAR.SYNC") == 1 and fences == 1
 
 
 def test_compile_fp16_128x256_m_major_a_bias_relu():
@@ -317,6 +664,12 @@ def test_compile_bf16_128x128_n_major_b_scale_fp32_out():
     spec = gemm(999, 1001, 1000, "bfloat16", "row", "row", ops=("scale",), out="float32",
                 ldc=1001)
     _sass_checks(spec, hopper.PRESETS[1])
+
+
+def test_compile_fp16_staged_fp32_out_two_m64_blocks():
+    spec = gemm(1000, 1001, 1000, "float16", "row", "col", ops=("bias_n",), out="float32",
+                ldc=1004)  # 4016-byte rows: the 16-byte staged stores
+    _sass_checks(spec, hopper.HopperConfig(bm=256, bn=128, stages=4))
 
 
 def test_sass_summary():

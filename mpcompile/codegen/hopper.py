@@ -12,12 +12,16 @@ as self-contained CUDA C++ with inline PTX (no headers, no CUTLASS):
   (``try_wait.parity``), issue ``wgmma.mma_async.m64nNk16.f32`` on shared-memory matrix
   descriptors, keep one wgmma group in flight (``wgmma.wait_group 1``) and release the stage
   read before it (each consumer warp arrives on the stage's ``empty`` mbarrier), then apply
-  the epilogue in FP32 and store with bounds checks;
+  the epilogue in FP32 and store with bounds checks: when C's rows are 16-byte aligned, staged
+  through the last k-tile's stage (released only afterwards) and written as 16-byte vectors
+  (each warpgroup syncing on its own named barrier), else straight from the registers;
 - a persistent grid (one CTA per SM, launched by ``runtime.tma.HopperLoaded``) walking the output
   tiles ``blockIdx.x, blockIdx.x + gridDim.x, ...`` in grouped (L2-friendly) order.
 
 All layout math (the swizzle, descriptors, the accumulator fragment, the tile order) is in
-``wgmma.py``, shared with the NumPy model ``hopper_model.py``.
+``wgmma.py``, shared with the NumPy model ``hopper_model.py``. The mbarrier pipeline (init
+counts, wait parities, expect_tx bytes, wait_group depth, which stage a release arrives on) is
+rendered step by step from a :class:`~.hopper_protocol.Protocol`, which the model executes.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ from ..errors import KernelError
 from . import wgmma as wg
 from .epilogue import OPS
 from .expr import Sym, render
+from .hopper_protocol import Op, Protocol, ProtocolError, Step
 from .spec import KernelSpec, Kind, SpecError
 
 ARCH = "sm_90a"
 SMEM_LIMIT = 227 * 1024  # max dynamic shared memory per block on sm_90
 REGISTERS = 64 * 1024  # register file per SM (one CTA per SM)
 _ALIGN_SLACK = 1024  # the dynamic buffer is rounded up to the swizzle pattern's 1024 bytes
+_BARRIERS_PER_STAGE = 2  # full and empty: 8 bytes each
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,7 @@ class HopperConfig:
     @property
     def smem_bytes(self) -> int:
         """Dynamic shared memory to request: tiles, 2 mbarriers per stage, alignment slack."""
-        return self.barrier_offset + 16 * self.stages + _ALIGN_SLACK
+        return self.barrier_offset + 8 * _BARRIERS_PER_STAGE * self.stages + _ALIGN_SLACK
 
 
 PRESETS = (HopperConfig(), HopperConfig(bn=128, stages=6))
@@ -224,6 +230,68 @@ def tiles(spec: KernelSpec, config: HopperConfig) -> tuple[int, int]:
     return -(-spec.m // config.bm), -(-spec.n // config.bn)
 
 
+def protocol_for(spec: KernelSpec, config: HopperConfig) -> Protocol:
+    """The mbarrier pipeline protocol of the kernel (``hopper_protocol``): ``full`` expects the
+    bytes of both operands' boxes per stage."""
+    a, b = operand_plan(spec, config, "a"), operand_plan(spec, config, "b")
+    return Protocol.for_ring(config.stages, config.consumers, a.stage_bytes + b.stage_bytes,
+                             staged=staged_epilogue(spec))
+
+
+def _check_protocol(protocol: Protocol, config: HopperConfig) -> None:
+    if (protocol.stages, protocol.consumers) != (config.stages, config.consumers):
+        raise ProtocolError(f"protocol for {protocol.stages} stages / {protocol.consumers} "
+                            f"consumers does not fit config {config}")
+    if len(protocol.barriers) > _BARRIERS_PER_STAGE:
+        raise ProtocolError(f"protocol has {len(protocol.barriers)} barriers per stage; the "
+                            f"config reserves shared memory for {_BARRIERS_PER_STAGE}")
+
+
+# Which threads arrive in a RELEASE (the first of each unit), as a C++ condition.
+_UNIT_GUARD = {"thread": "", "warp": "(threadIdx.x & 31) == 0", "warpgroup": "t == 0"}
+
+
+def _render_steps(steps: tuple[Step, ...], stages: int, i, code: dict) -> list[str]:
+    """C++ statements of protocol steps run at k-tile position ``i`` (the loop variable ``kt``,
+    or the int ``k_tiles`` in the drain and epilogue); ``stage`` / ``phase`` are the ring
+    counters and ``code`` holds the statements of LOAD and MMA (which use ``bar`` / the stage)
+    and, for STORE, a function of its lag."""
+    out, advanced = [], False
+    for s in steps:
+        bar = f"{s.bar}0 + 8 * stage"
+        if s.op is Op.WAIT:
+            out.append(f"mbar_wait({bar}, phase{' ^ 1' if s.n else ''});")
+        elif s.op is Op.EXPECT_TX:
+            out.append(f"mbar_expect_tx({bar}, {s.n}u);")
+        elif s.op is Op.LOAD:
+            out.append(f"{{ const u32 bar = {bar};\n{code[Op.LOAD]}\n          }}")
+        elif s.op is Op.FENCE:
+            out.append("wgmma_fence();")
+        elif s.op is Op.MMA:
+            out.append(code[Op.MMA])
+        elif s.op is Op.COMMIT:
+            out.append("wgmma_commit();")
+        elif s.op is Op.WAIT_GROUP:
+            out.append(f"wgmma_wait<{s.n}>();")
+        elif s.op is Op.RELEASE:  # the k-tile s.n before position i (+1 once advanced)
+            back = s.n % stages
+            target = f"(stage + {stages - back}) % {stages}" if back else "stage"
+            conds = [_UNIT_GUARD[s.unit]] if _UNIT_GUARD[s.unit] else []
+            if isinstance(i, int):
+                if i + advanced < s.n:
+                    continue
+            elif s.n > int(advanced):
+                conds.insert(0, f"{i}{' + 1' if advanced else ''} >= {s.n}")
+            arrive = f"mbar_arrive({s.bar}0 + 8 * ({target}));"
+            out.append(f"if ({' && '.join(conds)}) {arrive}" if conds else arrive)
+        elif s.op is Op.ADVANCE:
+            out.append(f"if (++stage == {stages}) {{ stage = 0; phase ^= 1; }}")
+            advanced = True
+        elif s.op is Op.STORE:
+            out.append(code[Op.STORE](s.n))
+    return out
+
+
 _PRELUDE = r"""
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -272,6 +340,31 @@ __device__ __forceinline__ void wgmma_fence() {
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
 }
+struct __align__(16) u32x4 { u32 x, y, z, w; };
+__device__ __forceinline__ void st_shared_b32(u32 a, u32 v) {
+  asm volatile("st.shared.b32 [%0], %1;" :: "r"(a), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_shared_f32x2(u32 a, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};" :: "r"(a), "f"(x), "f"(y) : "memory");
+}
+__device__ __forceinline__ u32x4 ld_shared_v4(u32 a) {
+  u32x4 v;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a) : "memory");
+  return v;
+}
+__device__ __forceinline__ u16 ld_shared_u16(u32 a) {
+  u16 v; asm volatile("ld.shared.b16 %0, [%1];" : "=h"(v) : "r"(a) : "memory"); return v;
+}
+__device__ __forceinline__ float ld_shared_f32(u32 a) {
+  float v; asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(a) : "memory"); return v;
+}
+__device__ __forceinline__ void fence_proxy_async() {  // generic-proxy smem use before TMA
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+__device__ __forceinline__ void bar_sync_warpgroup(int id) {  // named barrier, 128 threads
+  asm volatile("bar.sync %0, 128;" :: "r"(id) : "memory");
+}
 template <int N> __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory");
 }
@@ -299,6 +392,103 @@ def _desc(plan: OperandPlan, base: str, row0, ks) -> str:
     shared address is ``base``."""
     addr = Sym(base) + plan.desc_offset(row0, ks)
     return f"({plan.desc_constant:#x}ull | (u64){render(wg.encode_field(addr))})"
+
+
+def staged_epilogue(spec: KernelSpec) -> bool:
+    """Whether the kernel stages its output through shared memory and stores 16-byte vectors:
+    every row of C must start 16-byte aligned (``ldc`` a multiple of 16 bytes; the launcher
+    checks C's address)."""
+    return spec.ldc * info(spec.epilogue.out).torch.itemsize % wg.STORE_BYTES == 0
+
+
+def staging_base(config: HopperConfig, cw: int) -> int:
+    """Where consumer ``cw`` stages its output in a stage's A buffer: over the first 64 of its own
+    A rows (128 bytes each, K-major or in 64-row MN-major boxes alike), which no other
+    consumer's wgmmas read."""
+    return cw * config.rows_per_consumer * wg.SWIZZLE_BYTES
+
+
+def _ops_code(spec: KernelSpec) -> str:
+    ep = spec.epilogue
+    low = info(spec.dtype).short
+    return "\n              ".join(OPS[op].c.format(low=low, bias=_cvt(ep.bias_dtype))
+                                  for op in ep.ops)
+
+
+def _staged_epilogue(spec: KernelSpec, config: HopperConfig, lag: int) -> str:
+    """The epilogue through the A buffer of the stage ``lag`` k-tiles back (the last k-tile's,
+    not released yet): per 64 x (128 bytes) chunk of the consumer's output, each thread writes
+    its accumulator pairs (epilogue applied, converted) into the 128B-swizzled chunk, the
+    warpgroup syncs on its named barrier (id 1 + cw, 128 threads), each thread copies 16-byte
+    vectors to global memory (element stores at the ragged right edge), and syncs again before
+    the chunk buffer is rewritten or the stage released; a proxy fence orders these generic
+    shared-memory accesses before the TMA (async proxy) load that will refill the stage."""
+    ep = spec.epilogue
+    ob = info(ep.out).torch.itemsize
+    cols = wg.SWIZZLE_BYTES // ob  # columns per chunk
+    vec = wg.STORE_BYTES // ob
+    stages = config.stages
+    back = lag % stages
+    target = f"(stage + {stages - back}) % {stages}" if back else "stage"
+    row_t, col_t = wg.acc_coords(Sym("t"), Sym("i"))
+    w_off = wg.staging_offset(Sym("rt"), Sym("ct") - Sym("j") * cols, ob)
+    rr, cc = wg.store_vector(Sym("t"), Sym("p"))
+    r_off = wg.staging_offset(Sym("rr"), Sym("cc") * vec, ob)
+    off = render(spec.c_addr(Sym("row"), Sym("col")))
+    own_rows = render(staging_base(config, Sym("cw")))
+    if ob == 4:
+        write = "st_shared_f32x2(so + wo, v[0], v[1]);"
+        one = "C[off + e] = ld_shared_f32(so + ro + 4 * e);"
+    else:
+        cvt = f"f32_to_{info(ep.out).short}"
+        write = f"st_shared_b32(so + wo, (u32){cvt}(v[0]) | ((u32){cvt}(v[1]) << 16));"
+        one = "C[off + e] = ld_shared_u16(so + ro + 2 * e);"
+    wide = "*(u32x4*)(C + off) = ld_shared_v4(so + ro);"
+    if spec.n % vec == 0:  # a vector is all in or all out
+        store = f"if (col < {spec.n}) {wide}"
+    else:  # element stores at the ragged right edge
+        store = (f"if (col + {vec} <= {spec.n}) {{ {wide} }} else {{ for (int e = 0; e < {vec}; "
+                 f"++e) if (col + e < {spec.n}) {one} }}")
+    return f"""
+      {{  // staged epilogue: 16-byte stores through stage {target}'s A buffer
+        const u32 so = smem + ({target}) * {config.a_stage_bytes} + {own_rows};
+        #pragma unroll
+        for (int r = 0; r < {config.m_repeats}; ++r)
+          #pragma unroll
+          for (int j = 0; j < {config.bn // cols}; ++j) {{
+            #pragma unroll
+            for (int i = j * {cols // 2}; i < (j + 1) * {cols // 2}; i += 2) {{
+              const int rt = {render(row_t)};
+              const int ct = {render(col_t)};
+              float v[2];
+              #pragma unroll
+              for (int e = 0; e < 2; ++e) {{
+                const int col = min(n0 + ct + e, {spec.n - 1});  // bias reads stay in bounds
+                float x = acc[r][i + e];
+              {_ops_code(spec)}
+                (void)col;
+                v[e] = x;
+              }}
+              const u32 wo = {render(w_off)};
+              {write}
+            }}
+            bar_sync_warpgroup(1 + cw);
+            #pragma unroll
+            for (int p = 0; p < {wg.STORE_PASSES}; ++p) {{
+              const int rr = {render(rr)};
+              const int cc = {render(cc)};
+              const int row = m0 + cw * {config.rows_per_consumer} + r * 64 + rr;
+              const int col = n0 + j * {cols} + cc * {vec};
+              const u32 ro = {render(r_off)};
+              if (row < {spec.m}) {{
+                const int off = {off};
+                {store}
+              }}
+            }}
+            bar_sync_warpgroup(1 + cw);
+          }}
+        fence_proxy_async();  // the producer's next TMA load into this stage follows our use
+      }}"""
 
 
 def _epilogue(spec: KernelSpec, config: HopperConfig) -> str:
@@ -347,11 +537,15 @@ def _cvt(dtype: str) -> str:
     return info(dtype).short if info(dtype).is_low else dtype
 
 
-def render_hopper(spec: KernelSpec, config: HopperConfig = PRESETS[0]) -> str:
+def render_hopper(spec: KernelSpec, config: HopperConfig = PRESETS[0],
+                  protocol: Protocol | None = None) -> str:
     """CUDA C++ source of the Hopper kernel for ``spec``, entry point ``kernel_name(...)``.
     Parameters: two ``const __grid_constant__`` tensor maps (A, B; see ``runtime.tma``), C, the
-    bias vector and the scale pointer (either may be null when unused)."""
+    bias vector and the scale pointer (either may be null when unused). The mbarrier pipeline is
+    rendered step by step from ``protocol`` (default :func:`protocol_for`)."""
     check(spec, config)
+    protocol = protocol or protocol_for(spec, config)
+    _check_protocol(protocol, config)
     ep = spec.epilogue
     a, b = operand_plan(spec, config, "a"), operand_plan(spec, config, "b")
     tiles_m, tiles_n = tiles(spec, config)
@@ -359,7 +553,6 @@ def render_hopper(spec: KernelSpec, config: HopperConfig = PRESETS[0]) -> str:
     mb, nb = wg.tile_coords(Sym("tile"), tiles_m, tiles_n, config.group_m)
     c_t = "float" if ep.out == FLOAT32.name else "u16"
     bias_t = "float" if ep.bias_dtype == FLOAT32.name else "u16"
-    stage_tx = a.stage_bytes + b.stage_bytes
     b_base = config.stages * a.stage_bytes
     bar = config.barrier_offset
     name = kernel_name(spec, config)
@@ -369,9 +562,31 @@ def render_hopper(spec: KernelSpec, config: HopperConfig = PRESETS[0]) -> str:
         for j in range(plan.boxes):
             c0, c1 = plan.load_coords(Sym(mn0), Sym("k0"), j)
             loads.append(f"tma_load(smem + {base} + stage * {stride} + {j * plan.box_bytes}, "
-                         f"&{tm}, full, {render(c0)}, {render(c1)});")
-    load_code = "\n          ".join(loads)
+                         f"&{tm}, bar, {render(c0)}, {render(c1)});")
     row0 = Sym("cw") * config.rows_per_consumer + Sym("r") * 64
+    mma = f"""{{ const u32 sa = smem + stage * {a.stage_bytes};
+          const u32 sb = smem + {b_base} + stage * {b.stage_bytes};
+          #pragma unroll
+          for (int ks = 0; ks < {config.bk // 16}; ++ks) {{
+            const u64 db = {_desc(b, "sb", 0, Sym("ks"))};
+            #pragma unroll
+            for (int r = 0; r < {config.m_repeats}; ++r)
+              wgmma_tile(acc[r], {_desc(a, "sa", row0, Sym("ks"))}, db);
+          }}
+        }}"""
+    code = {Op.LOAD: "          " + "\n          ".join(loads), Op.MMA: mma,
+            Op.STORE: lambda lag: (_staged_epilogue(spec, config, lag) if lag
+                                   else _epilogue(spec, config))}
+    ind = "\n          "
+    producer = ind.join(_render_steps(protocol.producer, config.stages, "kt", code))
+    consumer = "\n        ".join(_render_steps(protocol.consumer, config.stages, "kt", code))
+    drain = "\n      ".join(_render_steps(protocol.drain, config.stages, k_tiles, code))
+    epilogue = "\n      ".join(_render_steps(protocol.epilogue, config.stages, k_tiles, code))
+    bars = "\n  ".join(f"const u32 {bar_.name}0 = smem + {bar + 8 * config.stages * j};"
+                       for j, bar_ in enumerate(protocol.barriers))
+    inits = "\n      ".join(f"mbar_init({bar_.name}0 + 8 * s, {bar_.count});"
+                          for bar_ in protocol.barriers)
+    tile_loop = f"for (int tile = blockIdx.x; tile < {tiles_m * tiles_n}; tile += gridDim.x)"
     scale = "  const float scale = *scale_ptr;\n" if "scale" in ep.ops else ""
     header = (f"// mpcompile Hopper kernel {name} (spec {spec.name}): gemm {spec.dtype} "
               f"m={spec.m} n={spec.n} k={spec.k}, A {spec.a_layout} lda={spec.lda}, "
@@ -387,15 +602,13 @@ extern "C" __global__ void __launch_bounds__({config.threads}, 1)
     const float* __restrict__ scale_ptr) {{
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const u32 smem = (smem_u32(smem_raw) + {_ALIGN_SLACK - 1}) & ~{_ALIGN_SLACK - 1}u;
-  const u32 full0 = smem + {bar};
-  const u32 empty0 = smem + {bar + 8 * config.stages};
+  {bars}
   const int wgi = threadIdx.x / {wg.WARPGROUP};
   (void)bias; (void)scale_ptr;
   if (threadIdx.x == 0) {{
     #pragma unroll
     for (int s = 0; s < {config.stages}; ++s) {{
-      mbar_init(full0 + 8 * s, 1);
-      mbar_init(empty0 + 8 * s, {4 * config.consumers});
+      {inits}
     }}
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }}
@@ -407,16 +620,12 @@ extern "C" __global__ void __launch_bounds__({config.threads}, 1)
       asm volatile("prefetch.tensormap [%0];" :: "l"((u64)&tmB) : "memory");
       int stage = 0;
       u32 phase = 0;
-      for (int tile = blockIdx.x; tile < {tiles_m * tiles_n}; tile += gridDim.x) {{
+      {tile_loop} {{
         const int m0 = ({render(mb)}) * {config.bm};
         const int n0 = ({render(nb)}) * {config.bn};
         for (int kt = 0; kt < {k_tiles}; ++kt) {{
           const int k0 = kt * {config.bk};
-          mbar_wait(empty0 + 8 * stage, phase ^ 1);
-          const u32 full = full0 + 8 * stage;
-          mbar_expect_tx(full, {stage_tx});
-          {load_code}
-          if (++stage == {config.stages}) {{ stage = 0; phase ^= 1; }}
+          {producer}
         }}
       }}
     }}
@@ -424,10 +633,9 @@ extern "C" __global__ void __launch_bounds__({config.threads}, 1)
     asm volatile("setmaxnreg.inc.sync.aligned.u32 {config.consumer_regs};");
     const int cw = wgi - 1;
     const int t = threadIdx.x % {wg.WARPGROUP};
-    const bool warp_leader = (threadIdx.x & 31) == 0;
 {scale}    int stage = 0;
     u32 phase = 0;
-    for (int tile = blockIdx.x; tile < {tiles_m * tiles_n}; tile += gridDim.x) {{
+    {tile_loop} {{
       const int m0 = ({render(mb)}) * {config.bm};
       const int n0 = ({render(nb)}) * {config.bn};
       float acc[{config.m_repeats}][{config.bn // 2}];
@@ -435,28 +643,11 @@ extern "C" __global__ void __launch_bounds__({config.threads}, 1)
       for (int r = 0; r < {config.m_repeats}; ++r)
         #pragma unroll
         for (int i = 0; i < {config.bn // 2}; ++i) acc[r][i] = 0.f;
-      int prev = 0;
       for (int kt = 0; kt < {k_tiles}; ++kt) {{
-        mbar_wait(full0 + 8 * stage, phase);
-        const u32 sa = smem + stage * {a.stage_bytes};
-        const u32 sb = smem + {b_base} + stage * {b.stage_bytes};
-        wgmma_fence();
-        #pragma unroll
-        for (int ks = 0; ks < {config.bk // 16}; ++ks) {{
-          const u64 db = {_desc(b, "sb", 0, Sym("ks"))};
-          #pragma unroll
-          for (int r = 0; r < {config.m_repeats}; ++r)
-            wgmma_tile(acc[r], {_desc(a, "sa", row0, Sym("ks"))}, db);
-        }}
-        wgmma_commit();
-        wgmma_wait<1>();  // the previous k-tile's wgmmas are done: release its stage
-        if (kt > 0 && warp_leader) mbar_arrive(empty0 + 8 * prev);
-        prev = stage;
-        if (++stage == {config.stages}) {{ stage = 0; phase ^= 1; }}
+        {consumer}
       }}
-      wgmma_wait<0>();
-      if ({k_tiles} > 0 && warp_leader) mbar_arrive(empty0 + 8 * prev);
-{_epilogue(spec, config)}
+      {drain}
+      {epilogue}
     }}
   }}
 }}
@@ -493,5 +684,5 @@ def hopper_sass_summary(spec: KernelSpec, config: HopperConfig = PRESETS[0]) -> 
 
 
 __all__ = ["ARCH", "PRESETS", "HopperConfig", "OperandPlan", "compile_hopper",
-           "hopper_sass_summary", "kernel_name", "operand_plan", "render_hopper", "supports",
-           "tiles"]
+           "hopper_sass_summary", "kernel_name", "operand_plan", "protocol_for", "render_hopper",
+           "staged_epilogue", "supports", "tiles"]

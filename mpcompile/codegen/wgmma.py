@@ -112,6 +112,34 @@ def acc_coords(thread, i):
             8 * (i >> 2) + 2 * (lane & 3) + (i & 1))
 
 
+# -- staged epilogue -----------------------------------------------------------------------------
+
+STAGING_ROWS = 64  # one m64 accumulator block per chunk
+STAGING_BYTES = STAGING_ROWS * SWIZZLE_BYTES  # 8 KB: 64 rows of 128 bytes
+STORE_BYTES = 16  # one st.global.v4 (STG.E.128) per thread and pass
+
+
+def staging_offset(row, col, elem_bytes: int):
+    """Byte offset (from the chunk buffer) of output element (``row``, ``col``) of a 64-row chunk
+    of 128-byte rows, its 16-byte chunks XOR-permuted per row so that the accumulator
+    fragment's pair writes and the 16-byte row reads hit distinct banks: a pair store covers
+    ``k = elem_bytes / 2`` chunks of each of ``8 / k`` rows per wavefront (8 rows of 4-byte
+    pairs per warp; 4 rows of 8-byte pairs per half-warp), so row ``r`` XORs its chunk index
+    with ``(r % (8 / k)) * k``; a quarter-warp's 16-byte reads take one row's 8 chunks."""
+    k = elem_bytes // ELEM_BYTES
+    return (row * SWIZZLE_BYTES + col * elem_bytes) ^ (((row % (8 // k)) * k) << 4)
+
+
+def store_vector(thread, pass_):
+    """(row, 16-byte chunk) of the staging chunk that warpgroup thread ``thread`` copies to global
+    memory in pass ``pass_`` (0..3): 8 threads per 128-byte row, 16 rows per pass."""
+    per_row = SWIZZLE_BYTES // STORE_BYTES
+    return pass_ * (WARPGROUP // per_row) + (thread >> 3), thread & (per_row - 1)
+
+
+STORE_PASSES = STAGING_ROWS * SWIZZLE_BYTES // (STORE_BYTES * WARPGROUP)
+
+
 # -- persistent tile schedule --------------------------------------------------------------------
 
 

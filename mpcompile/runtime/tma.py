@@ -128,6 +128,14 @@ def grid_size(spec: KernelSpec, config: HopperConfig, sms: int) -> int:
     return max(1, min(sms, tm * tn))
 
 
+def c_alignment(spec: KernelSpec) -> int:
+    """Byte alignment the kernel needs of C: 16 for its 16-byte stores when the epilogue is
+    staged, else that of an element pair."""
+    if hopper.staged_epilogue(spec):
+        return wg.STORE_BYTES
+    return 2 * info(spec.epilogue.out).torch.itemsize
+
+
 class HopperLoaded:
     """The Hopper kernel of ``spec`` loaded in ``device``'s context; call it like
     ``launch.Loaded``: ``(a, b, c, bias, scale)`` on torch's current stream."""
@@ -174,7 +182,7 @@ class HopperLoaded:
         spec, ep = self.spec, self.spec.epilogue
         pa = self._check("A", a, spec.dtype, 16)
         pb = self._check("B", b, spec.dtype, 16)
-        pc = self._check("C", c, ep.out, 2 * info(ep.out).torch.itemsize)
+        pc = self._check("C", c, ep.out, c_alignment(spec))
         pbias = self._check("bias", bias, ep.bias_dtype, 1)
         pscale = self._check("scale", scale, "float32", 4)
         if "bias_n" in ep.ops and not pbias:
@@ -190,5 +198,5 @@ class HopperLoaded:
             f"cuLaunchKernel({spec.name})")
 
 
-__all__ = ["HopperLoaded", "LaunchError", "TensorMapArgs", "TensorMapError", "encode",
-           "grid_size", "tensor_map_args"]
+__all__ = ["HopperLoaded", "LaunchError", "TensorMapArgs", "TensorMapError", "c_alignment",
+           "encode", "grid_size", "tensor_map_args"]
