@@ -1,7 +1,9 @@
 """What the mma.sync kernels compile to, read from their SASS (no GPU needed): for each
-representative kernel, the K loop's instruction count and HMMA share, its ldmatrix and cp.async
-counts, the epilogue's global store widths, registers and spills. A Markdown table, for
-RESULTS.md, until a GPU run gives times.
+representative kernel, how each operand's copy addresses are formed (``KernelSpec.copy_path``:
+the filter iterator, hoisted, or the general im2col path), the K loop's instruction count and
+HMMA share (static: the filter iterator's recomputation when (r, s) moves is counted although it
+runs once every C/bk k-tiles), its ldmatrix and cp.async counts, the epilogue's global store
+widths, registers and spills. A Markdown table, for RESULTS.md, until a GPU run gives times.
 
     python benchmarks/sass_report.py [--arch sm_80]
 """
@@ -50,7 +52,8 @@ def row(label: str, spec: KernelSpec, arch: str) -> str:
     loop = sass.main_loop(text)
     stores = ", ".join(f"{k} x{v}" for k, v in sorted(sass.global_stores(text).items()))
     t, i = spec.tile, c.info
-    return (f"| {label} | {t.bm}x{t.bn}x{t.bk}/{t.stages} | {spec.split_k} | {loop.instructions}"
+    return (f"| {label} | {t.bm}x{t.bn}x{t.bk}/{t.stages} | {spec.split_k} | "
+            f"{spec.copy_path('a')}/{spec.copy_path('b')} | {loop.instructions}"
             f" | {loop.hmma} | {100 * loop.hmma_share:.0f} % | {loop.ldsm} | {loop.ldgsts} | "
             f"{stores} | {i.registers} | {i.spill_stores + i.spill_loads} |")
 
@@ -63,9 +66,9 @@ def main() -> None:
     version = ".".join(map(str, nvrtc.nvrtc_version()))
     print(f"SASS of the mma.sync kernels, {args.arch} (NVRTC {version}; K loop = the backward "
           "branch with the most HMMA; counts per thread)\n")
-    print("| kernel | tile/stages | split-K | K-loop instr. | HMMA | HMMA share | LDSM | LDGSTS "
-          "| epilogue stores | registers | spills |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | tile/stages | split-K | copies A/B | K-loop instr. | HMMA | HMMA share | "
+          "LDSM | LDGSTS | epilogue stores | registers | spills |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, spec in cases():
         print(row(label, spec, args.arch))
     print(f"\n({time.perf_counter() - t0:.0f} s)")

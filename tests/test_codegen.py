@@ -240,6 +240,200 @@ def test_model_convolutions_against_torch(cv):
     np.testing.assert_allclose(dw.transpose(0, 3, 1, 2), 0.5 * wt.grad.numpy(), atol=1e-10)
 
 
+def _conv_data(cv):
+    """x, w, y = conv(x, w), dy and torch's dx, dw (float64 holding FP16 values), NCHW."""
+    x = _low(rng.standard_normal((cv.n, cv.c, cv.h, cv.w)))
+    w = _low(rng.standard_normal((cv.k, cv.c, cv.r, cv.s)))
+    xt, wt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    y = torch.nn.functional.conv2d(xt, wt, None, cv.stride, cv.pad, cv.dil)
+    dy = _low(rng.standard_normal(tuple(y.shape)))
+    y.backward(torch.from_numpy(dy))
+    return x, w, y.detach().numpy(), dy, xt.grad.numpy(), wt.grad.numpy()
+
+
+def _nhwc(t):
+    return t.transpose(0, 2, 3, 1).copy().ravel()
+
+
+STEPPED_CONVS = [  # channel counts that are multiples of bk: the filter iterator's fast path
+    (Conv(2, 7, 6, 16, 32, 3, 3, (1, 1), (1, 1), (1, 1)), Tile(32, 32, 16, 1, 2, 2), 1),
+    (Conv(1, 9, 9, 32, 16, 3, 3, (2, 2), (1, 1), (1, 1)), Tile(32, 32, 16, 1, 2, 3), 1),
+    (Conv(2, 8, 7, 16, 16, 3, 2, (1, 1), (0, 1), (2, 1)), Tile(32, 64, 16, 1, 4, 2), 1),
+    (Conv(2, 6, 6, 32, 32, 1, 1, (1, 1), (0, 0), (1, 1)), Tile(32, 32, 32, 1, 2, 2), 1),
+    (Conv(1, 6, 5, 32, 16, 3, 3, (1, 1), (2, 1), (1, 2)), Tile(32, 32, 16, 1, 2, 3), 4),
+]
+
+
+@pytest.mark.parametrize("cv,tile,split", STEPPED_CONVS,
+                         ids=lambda v: f"{v.h}x{v.w}c{v.c}k{v.k}r{v.r}s{v.s}"
+                         f"st{v.stride[0]}{v.stride[1]}" if isinstance(v, Conv) else None)
+def test_model_stepped_convolutions_against_torch(cv, tile, split):
+    """The filter iterator (incremental (r, s, c) stepping, predicates recomputed only when the
+    filter position moves) for the fprop activation, the stride-1 dgrad output gradient and
+    the dgrad weight: the model runs the iterator the kernel renders and checks every copy of
+    every k-tile against the full address function; ragged M, strides, padding, dilation, 1x1,
+    a copy count that does not fill the block (32x64 tile), split-K starting mid-window."""
+    x, w, y, dy, dx, dw = _conv_data(cv)
+    ep = Epilogue((), "float32")
+    fprop = KernelSpec("conv_fprop", "float16", cv.n * cv.p * cv.q, cv.k, cv.r * cv.s * cv.c,
+                       tile=tile, epilogue=ep, conv=cv, split_k=split)
+    dgrad = KernelSpec("conv_dgrad", "float16", cv.n * cv.h * cv.w, cv.c, cv.r * cv.s * cv.k,
+                       tile=tile, epilogue=ep, conv=cv, split_k=split)
+    assert fprop.copy_path("a") == "stepped" and fprop.copy_path("b") == "hoisted"
+    assert dgrad.copy_path("b") == "stepped"
+    assert dgrad.copy_path("a") == ("stepped" if cv.stride == (1, 1) else "general")
+    assert "stepped" in render_source(fprop).splitlines()[1]  # the header names the path
+    out = model.run(fprop, _nhwc(x), _nhwc(w)).reshape(cv.n, cv.p, cv.q, cv.k)
+    np.testing.assert_allclose(out.transpose(0, 3, 1, 2), y, atol=1e-10)
+    got = model.run(dgrad, _nhwc(dy), _nhwc(w)).reshape(cv.n, cv.h, cv.w, cv.c)
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), dx, atol=1e-10)
+    wgrad = KernelSpec("conv_wgrad", "float16", cv.k, cv.r * cv.s * cv.c, cv.n * cv.p * cv.q,
+                       tile=tile, epilogue=ep, conv=cv, split_k=split + 1)
+    assert wgrad.copy_path("a") == "hoisted" and wgrad.copy_path("b") == "pixels"
+    got = model.run(wgrad, _nhwc(dy), _nhwc(x)).reshape(cv.k, cv.r, cv.s, cv.c)
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), dw, atol=1e-10)
+
+
+WALKED_CONVS = [  # channels a multiple of 8, not of bk: per-copy (r, s, c) iterators
+    (Conv(2, 7, 6, 24, 40, 3, 3, (1, 1), (1, 1), (1, 1)), Tile(32, 32, 32, 1, 2, 2), 1),
+    (Conv(1, 9, 8, 8, 24, 3, 2, (2, 1), (1, 0), (1, 2)), Tile(32, 64, 16, 1, 4, 3), 2),
+    (Conv(2, 5, 5, 48, 8, 1, 1, (1, 1), (0, 0), (1, 1)), Tile(32, 32, 32, 1, 2, 2), 3),
+]
+
+
+@pytest.mark.parametrize("cv,tile,split", WALKED_CONVS,
+                         ids=lambda v: f"{v.h}x{v.w}c{v.c}k{v.k}r{v.r}s{v.s}"
+                         f"st{v.stride[0]}{v.stride[1]}" if isinstance(v, Conv) else None)
+def test_model_walked_convolutions_against_torch(cv, tile, split):
+    """The per-copy tap iterator ((r, s, c) + bk in mixed radix, one carry a digit; bk may
+    pass several channel blocks at once; K ragged in two cases) for the fprop activation, the dgrad
+    operands (A only at stride 1) and the pixel iterator of the wgrad activation, against
+    torch through the model, which checks every copy of every k-tile."""
+    x, w, y, dy, dx, dw = _conv_data(cv)
+    ep = Epilogue((), "float32")
+    fprop = KernelSpec("conv_fprop", "float16", cv.n * cv.p * cv.q, cv.k, cv.r * cv.s * cv.c,
+                       tile=tile, epilogue=ep, conv=cv, split_k=split)
+    dgrad = KernelSpec("conv_dgrad", "float16", cv.n * cv.h * cv.w, cv.c, cv.r * cv.s * cv.k,
+                       tile=tile, epilogue=ep, conv=cv, split_k=split)
+    wgrad = KernelSpec("conv_wgrad", "float16", cv.k, cv.r * cv.s * cv.c, cv.n * cv.p * cv.q,
+                       tile=tile, epilogue=ep, conv=cv, split_k=split)
+    assert fprop.copy_path("a") == "taps" and dgrad.copy_path("b") == "taps"
+    assert dgrad.copy_path("a") == ("taps" if cv.stride == (1, 1) else "general")
+    assert wgrad.copy_path("b") == "pixels"
+    out = model.run(fprop, _nhwc(x), _nhwc(w)).reshape(cv.n, cv.p, cv.q, cv.k)
+    np.testing.assert_allclose(out.transpose(0, 3, 1, 2), y, atol=1e-10)
+    got = model.run(dgrad, _nhwc(dy), _nhwc(w)).reshape(cv.n, cv.h, cv.w, cv.c)
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), dx, atol=1e-10)
+    got = model.run(wgrad, _nhwc(dy), _nhwc(x)).reshape(cv.k, cv.r, cv.s, cv.c)
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), dw, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["conv_fprop", "conv_dgrad", "conv_wgrad", "taps"])
+def test_filter_iterator_mutations_fail_the_model(kind, monkeypatch):
+    """The renderer and the model share the iterators' functions: a step that forgets to move
+    the filter position (fprop, dgrad), to carry into the next output row (wgrad) or into the
+    next filter column (the per-copy taps of C=24 with bk 16), a window offset with the wrong
+    sign, a mirrored tap or a pixel without its stride changes the kernel source and fails
+    the model's per-copy check against the address function."""
+    cv = Conv(2, 7, 6, 24 if kind == "taps" else 16, 32, 3, 3,
+              (2, 1) if kind == "conv_wgrad" else (1, 1), (1, 1))
+    taps, kind = kind == "taps", "conv_fprop" if kind == "taps" else kind
+    x, w, _, dy, _, _ = _conv_data(cv)
+    m, n, k = {"conv_fprop": (cv.n * cv.p * cv.q, cv.k, cv.r * cv.s * cv.c),
+               "conv_dgrad": (cv.n * cv.h * cv.w, cv.c, cv.r * cv.s * cv.k),
+               "conv_wgrad": (cv.k, cv.r * cv.s * cv.c, cv.n * cv.p * cv.q)}[kind]
+    spec = KernelSpec(kind, "float16", m, n, k, tile=Tile(32, 32, 16, 1, 2, 2),
+                      epilogue=Epilogue((), "float32"), conv=cv)
+    a, b = {"conv_fprop": (x, w), "conv_dgrad": (dy, w), "conv_wgrad": (dy, x)}[kind]
+    a, b = _nhwc(a), _nhwc(b)
+    src = render_source(spec)
+    model.run(spec, a, b)
+    step, at = KernelSpec.im2col_step, KernelSpec.im2col_at
+    pstep, pat = KernelSpec.pixel_step, KernelSpec.pixel_at
+    tstep, tat = KernelSpec.tap_step, KernelSpec.tap_at
+
+    def stuck(self, operand, c, rs):
+        c, _, moved = step(self, operand, c, rs)
+        return c, rs, moved
+
+    def flipped(self, operand, base, h0, w0, rs):
+        return at(self, operand, base, h0, w0, (rs // cv.s) * cv.s + (cv.s - 1 - rs % cv.s))
+
+    def no_carry(self, operand, n_, p, q):
+        n1, _, q1 = pstep(self, operand, n_, p, q)
+        return n1, p, q1
+
+    def no_stride(self, operand, tap, dh, dw, n_, p, q):
+        return pat(self, operand, tap, dh, dw, n_, p // 2, q)
+
+    def tap_no_carry(self, operand, r, s, c):
+        r1, _, c1 = tstep(self, operand, r, s, c)
+        return r1, s, c1
+
+    def tap_flipped(self, operand, base, h0, w0, r, s, c):
+        return tat(self, operand, base, h0, w0, r, cv.s - 1 - s, c)
+
+    bads = {"im2col_step": stuck, "im2col_at": flipped}
+    if kind == "conv_wgrad":
+        bads = {"pixel_step": no_carry, "pixel_at": no_stride}
+    if taps:
+        assert spec.copy_path("a") == "taps"
+        bads = {"tap_step": tap_no_carry, "tap_at": tap_flipped}
+    for name, bad in bads.items():
+        monkeypatch.setattr(KernelSpec, name, bad)
+        assert render_source(spec) != src
+        with pytest.raises(ModelCheckError, match="iterator.s copy offsets or predicates"):
+            model.run(spec, a, b)
+        monkeypatch.undo()
+
+
+def test_ldmatrix_offset_split_is_checked_by_the_model(monkeypatch):
+    """Each thread computes one ldmatrix offset per operand and stage and reaches the others by
+    an XOR and an immediate (``render.fragment_split``); the model forms the same addresses
+    and compares them with the shared-memory layout: a wrong constant fails it, and without a
+    split (every offset computed in full) the kernel is still right."""
+    m, n, k = 40, 48, 64
+    a, b = _low(rng.standard_normal((m, k))), _low(rng.standard_normal((k, n)))
+    split = mp.xor_add_split
+
+    def off_by_8(table, align):
+        out = split(table, align)
+        key = list(out)[-1]
+        return {**out, key: (out[key][0], out[key][1] + 8)}
+
+    for a_layout, b_layout in (("row", "col"), ("col", "row")):
+        spec = KernelSpec("gemm", "float16", m, n, k, tile=Tile(32, 32, 32, 1, 2, 2),
+                          epilogue=Epilogue((), "float32"), a_layout=a_layout,
+                          b_layout=b_layout, lda=k if a_layout == "row" else m,
+                          ldb=n if b_layout == "row" else k, ldc=n)
+        a_mem = (a if a_layout == "row" else a.T).copy().ravel()
+        b_mem = (b if b_layout == "row" else b.T).copy().ravel()
+        src = render_source(spec)
+        assert "a_fr" in src and "^ 32" in src  # the k16 step 16: an XOR of 16 elements
+        np.testing.assert_allclose(model.run(spec, a_mem, b_mem).reshape(m, n), a @ b,
+                                   rtol=1e-12, atol=1e-12)
+        monkeypatch.setattr(mp, "xor_add_split", off_by_8)
+        assert render_source(spec) != src
+        with pytest.raises(ModelCheckError, match="ldmatrix offsets reached by XOR"):
+            model.run(spec, a_mem, b_mem)
+        monkeypatch.setattr(mp, "xor_add_split", lambda table, align: None)
+        assert "a_fr" not in render_source(spec)
+        np.testing.assert_allclose(model.run(spec, a_mem, b_mem).reshape(m, n), a @ b,
+                                   rtol=1e-12, atol=1e-12)
+        monkeypatch.undo()
+
+
+@needs_nvrtc
+def test_ldmatrix_direct_addresses_compile(tmp_path, monkeypatch):
+    """The fallback without the XOR split (no preset needs it today) still compiles to HMMA
+    without spills."""
+    monkeypatch.setenv("MPCOMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(mp, "xor_add_split", lambda table, align: None)
+    spec = SNAPSHOT_SPECS["gemm_f16_nt_bias_relu"]
+    assert "a_fr" not in render_source(spec)
+    _check_cubin(spec, "sm_80")
+
+
 # --- spec validation --------------------------------------------------------------------------
 
 
@@ -295,6 +489,11 @@ HUGE = {  # what the old (N, M, batch x split) grid and 32-bit offsets could not
     "fprop_n512_112": tiles.conv_spec(Kind.CONV_FPROP, "float16",
                                       Conv(512, 112, 112, 64, 64, 3, 3, (1, 1), (1, 1))),
     "logits_32768x128256": gc.gemm_spec("bfloat16", 32768, 128256, 4096, "row", "col"),
+    # activations past 2^31 elements: the filter and pixel iterators with 64-bit offsets
+    "fprop_n2048_112": tiles.conv_spec(Kind.CONV_FPROP, "float16",
+                                       Conv(2048, 112, 112, 128, 64, 3, 3, (1, 1), (1, 1))),
+    "wgrad_n2048_112": tiles.conv_spec(Kind.CONV_WGRAD, "float16",
+                                       Conv(2048, 112, 112, 128, 64, 3, 3, (1, 1), (1, 1))),
 }
 
 
@@ -315,6 +514,14 @@ def test_grid_and_index_widths_of_huge_problems():
     src = render_source(big_a)
     assert "long long a_off[" in src and "a_off[i] = ok ? ((((long long)g_mn) * 40000)" in src
     assert "  int b_off[" in src
+    for name in ("fprop_n2048_112", "wgrad_n2048_112"):  # x: 3.3 G elements
+        spec = HUGE[name]
+        operand = "a" if spec.kind is Kind.CONV_FPROP else "b"
+        assert spec.wide_index(operand) and spec.copy_path(operand) in ("stepped", "pixels")
+        src = render_source(spec)
+        ptr = operand.upper()
+        assert f"long long {operand}_base[" in src or "(long long)b_pn[i]" in src
+        assert f"{ptr} + (u32)" not in src  # 32-bit offsets only below 2^31 elements
     small = SNAPSHOT_SPECS["gemm_f16_nt_bias_relu"]
     src = render_source(small)
     assert "long long a_off" not in src and "long long b_off" not in src
@@ -441,6 +648,42 @@ def test_large_gemm_main_loop_from_sass(dtype, tmp_path, monkeypatch):
     assert loop.hmma_share >= 0.40, loop
     assert sass.global_stores(text) == {"STG.E.128": 16}
     assert not (c.info.spill_stores or c.info.spill_loads or c.info.stack_frame), c.info
+
+
+def _loop(spec: KernelSpec):
+    c = nvrtc.compile_cubin(render_source(spec), spec.name, "sm_80")
+    assert not (c.info.spill_stores or c.info.spill_loads or c.info.stack_frame), c.info
+    return sass.main_loop(sass.disassemble(c.cubin))
+
+
+@needs_nvrtc
+def test_conv_main_loops_from_sass(tmp_path, monkeypatch):
+    """ResNet-50 res4 3x3 at batch 32 (the medium preset, 128x128x32): with the filter
+    iterator the fprop K loop is at least 32 % HMMA (64 HMMA, 16 LDSM, 8 LDGSTS; static
+    count, including the recomputation when (r, s) moves), the stride-1 dgrad (both operands
+    stepped) at least 31 %, the wgrad (pixel iterator) at least 27 %, no spills. With the
+    filter iterator off, the fprop takes the per-copy tap iterator and falls below its floor;
+    with the per-copy iterators off too (the general path: the full im2col address of every
+    copy every k-tile) fprop and wgrad fall further."""
+    monkeypatch.setenv("MPCOMPILE_CACHE", str(tmp_path))
+    cv = Conv(32, 14, 14, 256, 256, 3, 3, (1, 1), (1, 1))
+    fprop = tiles.conv_spec(Kind.CONV_FPROP, "float16", cv)
+    dgrad = tiles.conv_spec(Kind.CONV_DGRAD, "float16", cv)
+    assert fprop.tile == TILES["medium"] and fprop.copy_path("a") == "stepped"
+    assert dgrad.copy_path("a") == dgrad.copy_path("b") == "stepped"
+    wgrad = tiles.conv_spec(Kind.CONV_WGRAD, "float16", cv)
+    assert wgrad.copy_path("b") == "pixels"
+    loop = _loop(fprop)
+    assert (loop.hmma, loop.ldsm, loop.ldgsts) == (64, 16, 8), loop
+    assert loop.hmma_share >= 0.32, loop
+    assert _loop(dgrad).hmma_share >= 0.31
+    assert _loop(wgrad).hmma_share >= 0.27
+    monkeypatch.setattr(KernelSpec, "stepped", lambda self, operand: False)
+    assert fprop.copy_path("a") == "taps"  # the per-copy (r, s, c) iterator
+    assert _loop(fprop).hmma_share < 0.32
+    monkeypatch.setattr(KernelSpec, "walk", lambda self, operand: None)
+    assert fprop.copy_path("a") == "general" and wgrad.copy_path("b") == "general"
+    assert _loop(fprop).hmma_share < 0.25 and _loop(wgrad).hmma_share < 0.27
 
 
 def test_large_presets_on_ragged_shapes_through_the_model():

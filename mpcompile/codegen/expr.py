@@ -121,6 +121,25 @@ def minimum(a, b):
     return min(a, b)
 
 
+def select(cond, a, b):
+    """``a`` where ``cond`` holds, else ``b`` (``cond ? a : b`` when rendered; element-wise on
+    arrays)."""
+    if any(isinstance(v, Sym) for v in (cond, a, b)):
+        return Sym(f"({_code(cond)} ? {_code(a)} : {_code(b)})")
+    if any(hasattr(v, "shape") for v in (cond, a, b)):
+        import numpy as np
+
+        return np.where(cond, a, b)
+    return a if cond else b
+
+
+def below(x, n: int):
+    """``0 <= x < n`` for a signed int-like ``x``: one unsigned comparison when rendered."""
+    if isinstance(x, Sym):
+        return Sym(f"((unsigned){_code(x)} < {_code(n)}u)")
+    return (x >= 0) & (x < n)
+
+
 def wide(x):
     """``x`` as a 64-bit integer: a cast when rendered (the arithmetic it feeds is then 64-bit
     in C++); Python ints and NumPy int64 arrays are already wide."""

@@ -17,6 +17,8 @@ matrix ``j`` — with ``.trans``, rows ``2(l&3)+{0,1}`` of column ``l>>2``.
 
 from __future__ import annotations
 
+import numpy as np
+
 from .expr import minimum
 
 # -- blocks -------------------------------------------------------------------------------------
@@ -118,6 +120,33 @@ def b_ldmatrix(lane, n0, k0, kcontig: bool):
     if kcontig:
         return n0 + (j >> 1) * 8 + r, k0 + (j & 1) * 8
     return k0 + (j & 1) * 8 + r, n0 + (j >> 1) * 8
+
+
+def xor_add_split(table: dict, align: int):
+    """Constants ``{key: (x, y)}`` with ``table[key] == (table[first] ^ x) + y`` for every
+    element (every lane of every warp) and ``x < align``, or None when there are none.
+    ``table`` maps each unrolled fragment load (i, j) to its offsets, ``first`` being the
+    first key: a thread then computes one offset per stage and reaches the others with an
+    XOR and an immediate. Correct for byte addresses ``base + 2*off`` when ``base`` is a
+    multiple of ``2*align`` (a power of two): the XOR stays below the base's bits."""
+    keys = list(table)
+    t0 = np.asarray(table[keys[0]])
+    out = {}
+    for key in keys:
+        t = np.asarray(table[key])
+        i, j = key
+        cands = [0, t.flat[0] ^ t0.flat[0]]
+        for other in ((keys[0][0], j), (i, keys[0][1])):
+            if other in table:
+                cands.append(np.asarray(table[other]).flat[0] ^ t0.flat[0])
+        for x in cands:
+            y = t.flat[0] - (t0.flat[0] ^ x)
+            if 0 <= x < align and ((t0 ^ x) + y == t).all():
+                out[key] = (int(x), int(y))
+                break
+        else:
+            return None
+    return out
 
 
 # -- epilogue ---------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ It executes the same mapping functions the renderer emits (``mapping.py``, the s
 functions), with NumPy arrays over all lanes / copies at once, and checks on the way what the
 hardware would not: that the copies of a tile write each shared-memory slot once, that every
 ldmatrix row address is 16-byte aligned, and that the registers the lanes hold make up each
-16x16 / 16x8 operand exactly once under the PTX ISA fragment layouts; and it runs the main loop's
+16x16 / 16x8 operand exactly once under the PTX ISA fragment layouts, that the kernel's hoisted
+offsets, filter / pixel / tap iterators and XOR-split ldmatrix addresses equal the direct address
+functions for every copy and load; and it runs the main loop's
 pipeline schedule (``schedule.py``) event by event, so a wrong wait count or a missing barrier
 raises :class:`ModelCheckError`. The result is compared with
 a plain matmul in the tests, on shapes that are not tile multiples.
@@ -17,7 +19,7 @@ import torch
 
 from . import mapping as mp
 from .epilogue import OPS, Operands, round_to
-from .render import hoisted
+from .render import fragment_split, hoisted
 from .schedule import ModelCheckError, Schedule, execute
 from .spec import KernelSpec, Kind
 
@@ -30,14 +32,92 @@ def epilogue(spec: KernelSpec, acc: np.ndarray, cols: np.ndarray, bias, scale: f
     return acc
 
 
+def _inside(spec: KernelSpec, operand: str, off, what: str) -> None:
+    """Every copy address an iterator forms, read or not, lies inside the operand (the kernel
+    adds offsets below 2^31 elements as unsigned 32-bit values)."""
+    off = np.asarray(off)
+    if (off < 0).any() or (off >= spec.span(operand)).any():
+        raise ModelCheckError(f"a {what} iterator offset of operand {operand} leaves the operand")
+
+
+class FilterIterator:
+    """One block's im2col filter iterator for a stepped operand (``KernelSpec.stepped``), as the
+    kernel keeps it: each copy's window origin computed once, the (channel, filter position)
+    state advanced by ``im2col_step`` after each k-tile's copies, offsets and predicates
+    recomputed with ``im2col_at`` only when the position moves. ``copies(tile)`` gives the
+    per-copy (offset of the chunk's first element, inside) the kernel uses for k-tile
+    ``tile``; the tiles must come in order, as the schedule issues them."""
+
+    def __init__(self, spec: KernelSpec, operand: str, rows: int, width: int, vec: int,
+                 tile0: int, k_start: int):
+        self.spec, self.operand, self.next = spec, operand, 0
+        row, col = mp.copy_coords(np.arange(mp.copies(rows, width, vec)), width, vec)
+        kcontig = spec.a_kcontig if operand == "a" else spec.b_kcontig
+        mn, kr = (tile0 + row, col) if kcontig else (tile0 + col, row)
+        self.base, self.h0, self.w0 = spec.im2col_origin(operand, mn, kr)
+        self.c, self.rs = spec.im2col_start(operand, k_start)
+        self._window()
+
+    def _window(self) -> None:
+        self.off, self.ok = self.spec.im2col_at(self.operand, self.base, self.h0, self.w0,
+                                                self.rs)
+
+    def copies(self, tile: int) -> tuple[np.ndarray, np.ndarray]:
+        if tile != self.next:
+            raise ModelCheckError(f"k-tile {tile} loaded out of order: the filter iterator is "
+                                  f"at k-tile {self.next}")
+        out = (self.spec.im2col_chan(self.operand, self.c, self.rs) + self.off,
+               np.asarray(self.ok))
+        _inside(self.spec, self.operand, out[0], "filter")
+        self.c, self.rs, moved = self.spec.im2col_step(self.operand, self.c, self.rs)
+        self.next += 1
+        if moved and not self.spec.im2col_fixed(self.operand):
+            self._window()
+        return out
+
+
+class WalkIterator:
+    """One block's per-copy iterator (``KernelSpec.walk``: the wgrad activation's pixels or an
+    im2col operand's filter taps), as the kernel keeps it: each copy's origin computed once,
+    its digits started at its k and advanced by ``walk_step`` after each k-tile's copies.
+    ``copies(tile)`` gives the per-copy (offset, inside) for k-tile ``tile`` (in order)."""
+
+    def __init__(self, spec: KernelSpec, operand: str, rows: int, width: int, vec: int,
+                 tile0: int, k_start: int, k_end: int):
+        self.spec, self.operand, self.next = spec, operand, 0
+        self.k_start, self.k_end = k_start, k_end
+        row, col = mp.copy_coords(np.arange(mp.copies(rows, width, vec)), width, vec)
+        kcontig = spec.a_kcontig if operand == "a" else spec.b_kcontig
+        mn, self.kr = (tile0 + row, col) if kcontig else (tile0 + col, row)
+        self.origin = spec.walk_origin(operand, mn)
+        self.digits = spec.walk_start(operand, k_start + self.kr)
+
+    def copies(self, tile: int) -> tuple[np.ndarray, np.ndarray]:
+        if tile != self.next:
+            raise ModelCheckError(f"k-tile {tile} loaded out of order: the per-copy iterator "
+                                  f"is at k-tile {self.next}")
+        sp = self.spec
+        off, ok = sp.walk_at(self.operand, self.origin, self.digits)
+        ok = np.asarray(ok)
+        if sp.ragged_k:
+            ok = ok & (self.k_start + tile * sp.tile.bk + self.kr < self.k_end)
+            off = np.where(ok, off, 0)
+        _inside(sp, self.operand, off, "per-copy")
+        self.digits = sp.walk_step(self.operand, *self.digits)
+        self.next += 1
+        return off, ok
+
+
 def _load_tile(at, mem, kcontig: bool, width: int, rows: int, vec: int, tile0: int, k0: int,
-               k_end: int, base: int, k_step: int | None = None, ragged: bool = True
-               ) -> np.ndarray:
+               k_end: int, base: int, k_step: int | None = None, ragged: bool = True,
+               stepped: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Copy one operand tile into a fresh shared-memory array, as the block's threads do.
     ``at(mn, k)`` is the operand's (offset, inside) at GEMM coordinates (row or column, k).
     With ``k_step`` (the kernel's hoisted form, see ``render._loader_setup``): the offset at the
     copy's relative k plus ``k0 * k_step``, the predicate at relative k, and the k bound only
-    when ``ragged``; both are checked against the address function at the absolute k."""
+    when ``ragged``; both are checked against the address function at the absolute k. With
+    ``stepped`` (a :class:`FilterIterator`'s copies: chunk offset and predicate per copy), the
+    same check of the iterator's offsets and predicates."""
     idx = np.arange(mp.copies(rows, width, vec))
     row, col = mp.copy_coords(idx, width, vec)
     smem = np.full(rows * width, np.nan)
@@ -58,6 +138,12 @@ def _load_tile(at, mem, kcontig: bool, width: int, rows: int, vec: int, tile0: i
                 raise ModelCheckError("hoisted copy offsets or predicates differ from the "
                                       "operand's address function")
             off, ok = hoisted, hoisted_ok
+        if stepped is not None:
+            off_st, ok_st = stepped[0] + e, stepped[1]
+            if (ok_st != ok).any() or (np.asarray(off_st - off)[ok] != 0).any():
+                raise ModelCheckError("the filter or pixel iterator's copy offsets or "
+                                      "predicates differ from the operand's address function")
+            off, ok = off_st, ok_st
         vals = np.where(ok, mem[np.where(ok, base + off, 0)], 0.0)
         slot = mp.smem_offset(row, col + e, width)
         np.add.at(written, slot, 1)
@@ -67,11 +153,20 @@ def _load_tile(at, mem, kcontig: bool, width: int, rows: int, vec: int, tile0: i
     return smem
 
 
-def _ldmatrix(smem, width, lanes_row, lanes_col, trans):
-    """Registers (4 matrices x 2 elements per lane) an ldmatrix.x4 delivers to the 32 lanes."""
+def _ldmatrix(smem, width, lanes_row, lanes_col, trans, split=None):
+    """Registers (4 matrices x 2 elements per lane) an ldmatrix.x4 delivers to the 32 lanes.
+    ``split``: (stage base in bytes, the lanes' first offsets, (x, y)): the kernel's address
+    ``((base + 2*first) ^ 2x) + 2y`` (``render.fragment_split``), checked against the direct
+    offset."""
     if (np.asarray(lanes_col) % 8).any():
         raise ModelCheckError("ldmatrix row address not 16-byte aligned")
     base = mp.smem_offset(lanes_row, lanes_col, width)
+    if split is not None:
+        stage_base, first, (x, y) = split
+        got = (((stage_base + 2 * first) ^ (2 * x)) + 2 * y - stage_base) // 2
+        if (got != base).any():
+            raise ModelCheckError("ldmatrix offsets reached by XOR and immediate differ from "
+                                  "the shared-memory layout")
     rows = np.stack([smem[base + c] for c in range(8)], axis=1)  # [32 lanes][8 elements]
     lane = np.arange(32)
     regs = np.zeros((32, 4, 2))
@@ -96,23 +191,32 @@ def _assemble(shape, lane_elems, mapping):
     return out
 
 
-def _compute(spec: KernelSpec, sa: np.ndarray, sb: np.ndarray, acc: np.ndarray) -> None:
-    """One k-tile of every warp: ldmatrix from the stage buffers, m16n8k16 MMAs into ``acc``."""
+def _compute(spec: KernelSpec, sa: np.ndarray, sb: np.ndarray, acc: np.ndarray,
+             stage: int = 0, splits: tuple = (None, None)) -> None:
+    """One k-tile of every warp: ldmatrix from the stage buffers (at the addresses the kernel
+    forms from ``splits``, see ``render.fragment_split``), m16n8k16 MMAs into ``acc``."""
     t, lane = spec.tile, np.arange(32)
     a_width = t.bk if spec.a_kcontig else t.bm
     b_width = t.bk if spec.b_kcontig else t.bn
+    split_a, split_b = splits
+    base_a = stage * t.bm * t.bk * 2  # bytes from the 128-byte aligned shared memory
+    base_b = t.stages * t.bm * t.bk * 2 + stage * t.bk * t.bn * 2
     for w in range(t.warps):
         wm0, wn0 = mp.warp_origin(w, t.wtm, t.wtn, t.warps_n)
+        first_a = mp.smem_offset(*mp.a_ldmatrix(lane, wm0, 0, spec.a_kcontig), a_width)
+        first_b = mp.smem_offset(*mp.b_ldmatrix(lane, wn0, 0, spec.b_kcontig), b_width)
         for ks in range(0, t.bk, 16):
             af = []
             for mi in range(t.mi):
                 r, c = mp.a_ldmatrix(lane, wm0 + mi * 16, ks, spec.a_kcontig)
-                regs = _ldmatrix(sa, a_width, r, c, not spec.a_kcontig)
+                regs = _ldmatrix(sa, a_width, r, c, not spec.a_kcontig,
+                                 split_a and (base_a, first_a, split_a[(mi, ks)]))
                 af.append(_assemble((16, 16), regs.reshape(32, 8), mp.frag_a))
             bf = []
             for nj in range(0, t.ni, 2):
                 r, c = mp.b_ldmatrix(lane, wn0 + nj * 8, ks, spec.b_kcontig)
-                regs = _ldmatrix(sb, b_width, r, c, not spec.b_kcontig)
+                regs = _ldmatrix(sb, b_width, r, c, not spec.b_kcontig,
+                                 split_b and (base_b, first_b, split_b[(nj, ks)]))
                 for half in range(2):
                     elems = regs[:, 2 * half: 2 * half + 2].reshape(32, 4)
                     bf.append(_assemble((16, 8), elems, mp.frag_b))
@@ -135,18 +239,30 @@ def _mainloop(spec: KernelSpec, schedule: Schedule, a, b, m0: int, n0: int, k_st
     ring_b: list = [None] * schedule.stages
     acc = np.zeros((t.warps, t.mi, t.ni, 32, 4))
     hoist = {o: spec.k_step(o) if hoisted(spec, o) else None for o in "ab"}
+    walk = FilterIterator(spec, "a", a_rows, a_width, spec.vec_a, m0, k_start) \
+        if spec.stepped("a") else None
+    walk_b = FilterIterator(spec, "b", b_rows, b_width, spec.vec_b, n0, k_start) \
+        if spec.stepped("b") else None
+    if spec.walk("a"):
+        walk = WalkIterator(spec, "a", a_rows, a_width, spec.vec_a, m0, k_start, k_end)
+    if spec.walk("b"):
+        walk_b = WalkIterator(spec, "b", b_rows, b_width, spec.vec_b, n0, k_start, k_end)
+
+    splits = fragment_split(spec, "a"), fragment_split(spec, "b")
+    if (splits[0] is None) != (splits[1] is None):  # as render._fragments
+        splits = (None, None)
 
     def load(stage: int, tile: int) -> None:
         k0 = k_start + tile * t.bk
         ring_a[stage] = _load_tile(spec.a_addr, a, spec.a_kcontig, a_width, a_rows,
                                    spec.vec_a, m0, k0, k_end, base_a, hoist["a"],
-                                   spec.ragged_k)
+                                   spec.ragged_k, walk and walk.copies(tile))
         ring_b[stage] = _load_tile(lambda n, k: spec.b_addr(k, n), b, spec.b_kcontig, b_width,
                                    b_rows, spec.vec_b, n0, k0, k_end, base_b, hoist["b"],
-                                   spec.ragged_k)
+                                   spec.ragged_k, walk_b and walk_b.copies(tile))
 
     def compute(stage: int, tile: int) -> None:
-        _compute(spec, ring_a[stage], ring_b[stage], acc)
+        _compute(spec, ring_a[stage], ring_b[stage], acc, stage, splits)
 
     k_tiles = -(-(k_end - k_start) // t.bk) if k_end > k_start else 0
     execute(schedule, k_tiles, load, compute, asynchronous=max(spec.vec_a, spec.vec_b) > 1,

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from ..dtypes import FLOAT32, FLOATS
 from ..errors import KernelError
 from .epilogue import LINEAR, NAMES  # LINEAR: the only ops allowed before a split-K sum
-from .expr import all_of
+from .expr import all_of, below, minimum, select, wide
 from .schedule import Schedule
 
 KERNEL_DTYPES = tuple(f.name for f in FLOATS if f.is_low)  # float16, bfloat16
@@ -33,6 +33,31 @@ SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 MAX_SMEM = min(SMEM_LIMIT.values())
 INT32_MAX = 2**31 - 1  # also the grid's x limit; y and z stop at 65535, so the grid uses x only
 RASTER_GROUP = 8  # tile rows walked together by consecutive blocks (L2 reuse of B columns)
+OUTSIDE = -(1 << 24)  # a window origin no filter offset brings inside: marks rows past M
+
+
+def radix_add(digits: tuple, radices: tuple, amount: int) -> tuple:
+    """``digits`` (most significant first; the first unbounded, the others below
+    ``radices``) plus the constant ``amount``, digit by digit with one carry each: what a
+    kernel computes per k-tile without a division."""
+    out, carry = [], 0
+    for i in range(len(digits) - 1, 0, -1):
+        radix = radices[i - 1]
+        below_ = 1
+        for r in radices[i:]:
+            below_ *= r
+        inc = amount // below_ % radix
+        if inc == 0 and type(carry) is int and carry == 0:  # this digit cannot move
+            out.append(digits[i])
+            continue
+        d = digits[i] + inc + carry
+        carry = d >= radix
+        out.append(select(carry, d - radix, d))
+    below_ = 1
+    for r in radices:
+        below_ *= r
+    out.append(digits[0] + amount // below_ + carry)
+    return tuple(reversed(out))
 
 
 def widest_vec(*extents: int) -> int:
@@ -384,6 +409,196 @@ class KernelSpec:
             return self.ldb if self.b_layout == "row" else 1
         return {(Kind.CONV_FPROP, "b"): 1, (Kind.CONV_WGRAD, "a"): self.conv.k if self.conv
                 else None}.get((self.kind, operand))
+
+    # -- the im2col filter iterator: incremental (r, s, c) stepping ------------------------------
+
+    def stepped(self, operand: str) -> bool:
+        """Is ``operand`` read through the filter iterator instead of its full address function
+        each k-tile? For the conv fprop activation, the stride-1 dgrad output gradient (A,
+        K-contiguous) and the dgrad weight (B), copied with 16-byte ``cp.async``, when the
+        channel extent ``chan`` of k = (r, s, chan) (C, or K_out for dgrad) is a multiple of
+        bk: a k-tile then lies in one filter position (r, s) shared by all its copies, only the
+        channel offset moves per k-tile and the offsets and predicates change every chan/bk
+        tiles. Other channel counts take a per-copy iterator (``walk``); element-wise copies
+        and the stride-2 dgrad output gradient the general path."""
+        cv, vec = self.conv, self.vec_a if operand == "a" else self.vec_b
+        if (self.kind, operand) == (Kind.CONV_FPROP, "a"):
+            chan = cv.c
+        elif self.kind is Kind.CONV_DGRAD and (operand == "b" or cv.stride == (1, 1)):
+            chan = cv.k
+        else:
+            return False
+        return vec == 8 and chan % self.tile.bk == 0
+
+    def walk(self, operand: str) -> str | None:
+        """Is ``operand`` read through a per-copy iterator, and which? ``pixels``: the wgrad
+        activation, whose k is the output pixel (n, p, q) and column the filter tap (r, s,
+        c): each copy keeps its pixel and advances it by bk per k-tile (``pixel_step``), its
+        tap's offset and window shift computed once. ``taps``: an im2col operand of fprop or
+        dgrad whose channel extent is not a multiple of bk (so not ``stepped``): each copy
+        keeps its own (r, s, c) and advances it by bk (``tap_step``), its output pixel's
+        window origin computed once. Both with 16-byte ``cp.async`` (channels a multiple of
+        8); None otherwise (stride-2 dgrad A, element-wise copies)."""
+        if self.stepped(operand) or (self.vec_a if operand == "a" else self.vec_b) != 8:
+            return None
+        if (self.kind, operand) == (Kind.CONV_WGRAD, "b"):
+            return "pixels"
+        if (self.kind, operand) == (Kind.CONV_FPROP, "a") or (self.kind is Kind.CONV_DGRAD and (
+                operand == "b" or self.conv.stride == (1, 1))):
+            return "taps"
+        return None
+
+    def walk_origin(self, operand: str, mn):
+        """What a walking copy at GEMM row/column ``mn`` computes once (three values)."""
+        if self.walk(operand) == "pixels":
+            return self.pixel_origin(operand, mn)
+        return self.im2col_origin(operand, mn, 0)
+
+    def walk_start(self, operand: str, k):
+        """A walking copy's digits at GEMM k."""
+        if self.walk(operand) == "pixels":
+            return self.pixel_start(operand, k)
+        return self.tap_start(operand, k)
+
+    def walk_step(self, operand: str, *digits):
+        """The digits bk further."""
+        if self.walk(operand) == "pixels":
+            return self.pixel_step(operand, *digits)
+        return self.tap_step(operand, *digits)
+
+    def walk_at(self, operand: str, origin, digits):
+        """(offset, inside) of a walking copy; 0 outside. The caller adds k < k_end."""
+        if self.walk(operand) == "pixels":
+            return self.pixel_at(operand, *origin, *digits)
+        return self.tap_at(operand, *origin, *digits)
+
+    def pixel_origin(self, operand: str, mn):
+        """(tap offset, dh, dw) of the wgrad activation's column ``mn`` = (r, s, c): x at
+        pixel (n, p, q) is at ``pixel offset + tap offset`` and inside when (p*stride + dh,
+        q*stride + dw) is in the image; past N, dh = OUTSIDE."""
+        cv = self.conv
+        g = minimum(mn, self.n - 1)
+        r, sc = g // (cv.s * cv.c), g % (cv.s * cv.c)
+        s, c = sc // cv.c, sc % cv.c
+        dh, dw = r * cv.dil[0] - cv.pad[0], s * cv.dil[1] - cv.pad[1]
+        return (dh * cv.w + dw) * cv.c + c, select(mn < self.n, dh, OUTSIDE), dw
+
+    def pixel_start(self, operand: str, k):
+        """The pixel (n, p, q) of GEMM k."""
+        cv = self.conv
+        return k // (cv.p * cv.q), k % (cv.p * cv.q) // cv.q, k % cv.q
+
+    def pixel_step(self, operand: str, n_, p, q):
+        """The pixel bk further: (n, p, q) + bk in mixed radix (N, P, Q)."""
+        return radix_add((n_, p, q), (self.conv.p, self.conv.q), self.tile.bk)
+
+    def pixel_at(self, operand: str, tap, dh, dw, n_, p, q):
+        """(offset, inside the image and N) of the copy at pixel (n, p, q) with column origin
+        (tap, dh, dw); 0 outside. The caller adds the k < k_end bound."""
+        cv = self.conv
+        h, w = p * cv.stride[0], q * cv.stride[1]
+        ok = all_of(below(h + dh, cv.h), below(w + dw, cv.w))
+        n_ = wide(n_) if self.wide_index(operand) else n_
+        return select(ok, ((n_ * cv.h + h) * cv.w + w) * cv.c + tap, 0), ok
+
+    def tap_start(self, operand: str, k):
+        """The filter tap (r, s, channel) of GEMM k of an im2col operand."""
+        cv, chan = self.conv, self._chan()
+        return k // (cv.s * chan), k // chan % cv.s, k % chan
+
+    def tap_step(self, operand: str, r, s, c):
+        """The tap bk further: (r, s, c) + bk in mixed radix (R, S, chan)."""
+        return radix_add((r, s, c), (self.conv.s, self._chan()), self.tile.bk)
+
+    def tap_at(self, operand: str, base, h0, w0, r, s, c):
+        """(offset, inside) of a copy with window origin (base, h0, w0, from
+        ``im2col_origin``) at tap (r, s, c); 0 outside. The caller adds k < k_end."""
+        cv = self.conv
+        if operand == "b":  # the dgrad weight w[ko, r, s, c], ko = the tap's channel
+            ok = below(h0, 1)
+            return select(ok, ((c * cv.r + r) * cv.s + s) * cv.c + base, 0), ok
+        sign, rows, cols = (1, cv.h, cv.w) if self.kind is Kind.CONV_FPROP else (-1, cv.p, cv.q)
+        dh, dw = sign * cv.dil[0] * r, sign * cv.dil[1] * s
+        ok = all_of(below(h0 + dh, rows), below(w0 + dw, cols))
+        return select(ok, base + (dh * cols + dw) * self._chan() + c, 0), ok
+
+    def copy_path(self, operand: str) -> str:
+        """How the main loop computes ``operand``'s copy addresses: ``stepped`` (the filter
+        iterator, see ``stepped``), ``pixels`` or ``taps`` (per-copy iterators, see ``walk``),
+        ``hoisted`` (affine in k, 16-byte copies: offsets and
+        predicates computed once, a base pointer moves) or ``general`` (the address function
+        at every k-tile)."""
+        if self.stepped(operand):
+            return "stepped"
+        if self.walk(operand):
+            return self.walk(operand)
+        vec = self.vec_a if operand == "a" else self.vec_b
+        return "hoisted" if self.k_step(operand) is not None and vec == 8 else "general"
+
+    def _chan(self) -> int:
+        """The channel extent of the im2col k = (r, s, chan)."""
+        return self.conv.c if self.kind is Kind.CONV_FPROP else self.conv.k
+
+    def im2col_origin(self, operand: str, mn, kr):
+        """(base offset, h0, w0) of a stepped operand's copy at GEMM row/column ``mn`` and
+        relative k ``kr`` (its place in the k-tile): what does not change with k, computed once
+        per copy. Its element at filter position (r, s) and the k-tile's channel c is at
+        ``base + window offset (im2col_at) + channel offset (im2col_chan)``, inside when
+        (h0 + dh, w0 + dw) is in the image. fprop reads x[n, h, w, c] at h = p*stride - pad +
+        r*dil; stride-1 dgrad reads dy[n, p, q, ko] at p = h + pad - r*dil; the dgrad weight
+        w[ko, r, s, c] has no window: h0 only says whether the column is inside. Past M (or N):
+        h0 = OUTSIDE (never inside) and the base of the last row."""
+        cv = self.conv
+        g = minimum(mn, (self.m if operand == "a" else self.n) - 1)  # offsets stay in range
+        if operand == "b":  # dgrad weight, n = c
+            base = g + kr * (cv.r * cv.s * cv.c)
+            return base, select(mn < self.n, 0, OUTSIDE), 0
+        if self.kind is Kind.CONV_FPROP:  # m = (n, p, q)
+            n_, pq = g // (cv.p * cv.q), g % (cv.p * cv.q)
+            h0 = pq // cv.q * cv.stride[0] - cv.pad[0]
+            w0 = pq % cv.q * cv.stride[1] - cv.pad[1]
+            rows, cols = cv.h, cv.w
+        else:  # stride-1 dgrad, m = (n, h, w)
+            n_, hw = g // (cv.h * cv.w), g % (cv.h * cv.w)
+            h0, w0 = hw // cv.w + cv.pad[0], hw % cv.w + cv.pad[1]
+            rows, cols = cv.p, cv.q
+        n_ = wide(n_) if self.wide_index(operand) else n_
+        base = ((n_ * rows + h0) * cols + w0) * self._chan() + kr
+        return base, select(mn < self.m, h0, OUTSIDE), w0
+
+    def im2col_at(self, operand: str, base, h0, w0, rs):
+        """(offset at channel 0, inside) of a copy with origin (base, h0, w0) at filter position
+        ``rs`` = r*S + s; outside, the offset is 0 (a valid address the copy does not read)."""
+        cv = self.conv
+        if operand == "b":  # w[ko, r, s, c]: the filter position is in ``im2col_chan``
+            ok = below(h0, 1)
+            return select(ok, base, 0), ok
+        sign, rows, cols = (1, cv.h, cv.w) if self.kind is Kind.CONV_FPROP else (-1, cv.p, cv.q)
+        dh, dw = sign * cv.dil[0] * (rs // cv.s), sign * cv.dil[1] * (rs % cv.s)
+        ok = all_of(below(h0 + dh, rows), below(w0 + dw, cols))
+        return select(ok, base + (dh * cols + dw) * self._chan(), 0), ok
+
+    def im2col_chan(self, operand: str, c, rs):
+        """The offset every copy of the k-tile adds, at channel ``c`` and filter position
+        ``rs``: the channel (unit stride) in NHWC activations; in the KRSC weight (dgrad B)
+        the position too, as its offsets and predicates never change (``im2col_fixed``)."""
+        cv = self.conv
+        return (c * (cv.r * cv.s) + rs) * cv.c if operand == "b" else c
+
+    def im2col_fixed(self, operand: str) -> bool:
+        """Do ``im2col_at``'s offsets and predicates stay put when the filter position moves?
+        For the dgrad weight (no window): then they are computed once."""
+        return operand == "b"
+
+    def im2col_start(self, operand: str, k):
+        """The iterator's state (channel, filter position) at the first k of a split."""
+        return k % self._chan(), k // self._chan()
+
+    def im2col_step(self, operand: str, c, rs):
+        """The state one k-tile later, and whether the filter position moved (then the
+        offsets and predicates are recomputed with ``im2col_at``): (c, rs, moved)."""
+        moved = c + self.tile.bk == self._chan()  # chan % bk == 0: c + bk never passes chan
+        return select(moved, 0, c + self.tile.bk), rs + moved, moved
 
     @property
     def ragged_k(self) -> bool:

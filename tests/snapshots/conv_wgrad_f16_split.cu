@@ -1,5 +1,5 @@
 // mpcompile kernel mpk_conv_wgrad_float16_6ee5b783af6f: conv_wgrad float16 m=16 n=72 k=84 batch=1 split_k=2
-// tile 32x32x32, warps 1x2, stages 2, A m-contiguous vec 8, B n-contiguous vec 8
+// tile 32x32x32, warps 1x2, stages 2, A m-contiguous vec 8 hoisted, B n-contiguous vec 8 pixels
 // epilogue [] -> float32; generated, do not edit
 
 typedef unsigned short u16;
@@ -35,6 +35,10 @@ __device__ __forceinline__ void cp_async(u32 dst, const void* src, bool ok, int 
 }
 __device__ __forceinline__ void cp_async_n(u32 dst, const void* src, int n) {  // n: 0 or 16
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_if(u32 dst, const void* src, u32 ok) {  // else zeros
+  asm volatile("{ .reg .pred p; setp.eq.u32 p, %2, 0;\n"
+               "cp.async.cg.shared.global [%0], [%1], 16, p; }\n" :: "r"(dst), "l"(src), "r"(ok));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
@@ -82,6 +86,10 @@ mpk_conv_wgrad_float16_6ee5b783af6f(const u16* __restrict__ A, const u16* __rest
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.f;
 
 
+  // ldmatrix: each thread's first offset; the others are an XOR and an immediate away
+  const u32 a_fr = (((((((lane >> 3) >> 1) * 8) + (lane & 7)) * 32) + ((((wm0 + (((lane >> 3) & 1) * 8)) >> 3) ^ ((((((lane >> 3) >> 1) * 8) + (lane & 7)) / 2) & 3)) * 8)) + ((wm0 + (((lane >> 3) & 1) * 8)) & 7)) * 2;
+  const u32 b_fr = (((((((lane >> 3) & 1) * 8) + (lane & 7)) * 32) + ((((wn0 + (((lane >> 3) >> 1) * 8)) >> 3) ^ ((((((lane >> 3) & 1) * 8) + (lane & 7)) / 2) & 3)) * 8)) + ((wn0 + (((lane >> 3) >> 1) * 8)) & 7)) * 2;
+
   // operand a: offsets and predicates of this thread's copies, computed once
   const u16* A_k = A + (long long)k_start * 16;
   int a_off[2];
@@ -102,6 +110,32 @@ mpk_conv_wgrad_float16_6ee5b783af6f(const u16* __restrict__ A, const u16* __rest
     a_kr[i] = g_kr;
   }
   (void)a_kr;
+  // operand b: per-copy iterator, its origin once and its pixel (n, p, q) stepped per k-tile
+  int b_tap[2];
+  int b_dh[2];
+  int b_dw[2];
+  int b_pn[2];
+  int b_pp[2];
+  int b_pq[2];
+  int b_kr[2];
+  u32 b_dst[2];
+  #pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int idx = tid + i * 64;
+    const int row = (idx / 4);
+    const int col = ((idx % 4) * 8);
+    const int g_mn = (n0 + col);
+    const int g_kr = row;
+    b_tap[i] = ((((((min(g_mn, 71) / 24) - 1) * 6) + (((min(g_mn, 71) % 24) / 8) - 1)) * 8) + ((min(g_mn, 71) % 24) % 8));
+    b_dh[i] = ((g_mn < 72) ? ((min(g_mn, 71) / 24) - 1) : (-16777216));
+    b_dw[i] = (((min(g_mn, 71) % 24) / 8) - 1);
+    b_pn[i] = ((k_start + g_kr) / 42);
+    b_pp[i] = (((k_start + g_kr) % 42) / 6);
+    b_pq[i] = ((k_start + g_kr) % 6);
+    b_kr[i] = g_kr;
+    b_dst[i] = (((row * 32) + (((col >> 3) ^ ((row / 2) & 3)) * 8)) + (col & 7)) * 2;
+  }
+  (void)b_kr;
   // pipeline prologue: 1 k-tiles in flight
   #pragma unroll
   for (int s = 0; s < 1; ++s) {
@@ -117,18 +151,17 @@ mpk_conv_wgrad_float16_6ee5b783af6f(const u16* __restrict__ A, const u16* __rest
     for (int i = 0; i < 2; ++i)
       cp_async_n(a_st + a_dst[i], a_src + a_off[i], (k0 + a_kr[i] < k_end ? a_n[i] : 0));
         
+    const u32 b_st = sB_u + stage * 2048;
     #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int idx = tid + i * 64;
-      {
-        const int row = (idx / 4);
-        const int col = ((idx % 4) * 8);
-        const int g_mn = (n0 + col);
-        const int g_k = (k0 + row);
-        const bool ok = ((((g_k < 84) && (g_mn < 72)) && (((((g_k % 42) / 6) - 1) + (g_mn / 24)) >= 0) && (((((g_k % 42) / 6) - 1) + (g_mn / 24)) < 7) && (((((g_k % 42) % 6) - 1) + ((g_mn % 24) / 8)) >= 0) && (((((g_k % 42) % 6) - 1) + ((g_mn % 24) / 8)) < 6)) && (g_k < k_end));
-        const int off = ok ? (((((((g_k / 42) * 7) + ((((g_k % 42) / 6) - 1) + (g_mn / 24))) * 6) + ((((g_k % 42) % 6) - 1) + ((g_mn % 24) / 8))) * 8) + ((g_mn % 24) % 8)) : 0;
-        cp_async(sB_u + (stage * 1024 + (((row * 32) + (((col >> 3) ^ ((row / 2) & 3)) * 8)) + (col & 7))) * 2, B + off, ok, 16);
-      }
+      const bool ok = ((((unsigned)(b_pp[i] + b_dh[i]) < 7u) && ((unsigned)(b_pq[i] + b_dw[i]) < 6u)) && ((k0 + b_kr[i]) < k_end));
+      cp_async_if(b_st + b_dst[i], B + (u32)(ok ? ((((unsigned)(b_pp[i] + b_dh[i]) < 7u) && ((unsigned)(b_pq[i] + b_dw[i]) < 6u)) ? ((((((b_pn[i] * 7) + b_pp[i]) * 6) + b_pq[i]) * 8) + b_tap[i]) : 0) : 0), ok);
+      const int b_pn_next = (b_pn[i] + (((b_pp[i] + 5) + ((b_pq[i] + 2) >= 6)) >= 7));
+      const int b_pp_next = ((((b_pp[i] + 5) + ((b_pq[i] + 2) >= 6)) >= 7) ? (((b_pp[i] + 5) + ((b_pq[i] + 2) >= 6)) - 7) : ((b_pp[i] + 5) + ((b_pq[i] + 2) >= 6)));
+      const int b_pq_next = (((b_pq[i] + 2) >= 6) ? ((b_pq[i] + 2) - 6) : (b_pq[i] + 2));
+      b_pn[i] = b_pn_next;
+      b_pp[i] = b_pp_next;
+      b_pq[i] = b_pq_next;  // the digits bk further
     }
       }
     }
@@ -150,18 +183,17 @@ mpk_conv_wgrad_float16_6ee5b783af6f(const u16* __restrict__ A, const u16* __rest
     for (int i = 0; i < 2; ++i)
       cp_async_n(a_st + a_dst[i], a_src + a_off[i], (k0 + a_kr[i] < k_end ? a_n[i] : 0));
         
+    const u32 b_st = sB_u + stage * 2048;
     #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int idx = tid + i * 64;
-      {
-        const int row = (idx / 4);
-        const int col = ((idx % 4) * 8);
-        const int g_mn = (n0 + col);
-        const int g_k = (k0 + row);
-        const bool ok = ((((g_k < 84) && (g_mn < 72)) && (((((g_k % 42) / 6) - 1) + (g_mn / 24)) >= 0) && (((((g_k % 42) / 6) - 1) + (g_mn / 24)) < 7) && (((((g_k % 42) % 6) - 1) + ((g_mn % 24) / 8)) >= 0) && (((((g_k % 42) % 6) - 1) + ((g_mn % 24) / 8)) < 6)) && (g_k < k_end));
-        const int off = ok ? (((((((g_k / 42) * 7) + ((((g_k % 42) / 6) - 1) + (g_mn / 24))) * 6) + ((((g_k % 42) % 6) - 1) + ((g_mn % 24) / 8))) * 8) + ((g_mn % 24) % 8)) : 0;
-        cp_async(sB_u + (stage * 1024 + (((row * 32) + (((col >> 3) ^ ((row / 2) & 3)) * 8)) + (col & 7))) * 2, B + off, ok, 16);
-      }
+      const bool ok = ((((unsigned)(b_pp[i] + b_dh[i]) < 7u) && ((unsigned)(b_pq[i] + b_dw[i]) < 6u)) && ((k0 + b_kr[i]) < k_end));
+      cp_async_if(b_st + b_dst[i], B + (u32)(ok ? ((((unsigned)(b_pp[i] + b_dh[i]) < 7u) && ((unsigned)(b_pq[i] + b_dw[i]) < 6u)) ? ((((((b_pn[i] * 7) + b_pp[i]) * 6) + b_pq[i]) * 8) + b_tap[i]) : 0) : 0), ok);
+      const int b_pn_next = (b_pn[i] + (((b_pp[i] + 5) + ((b_pq[i] + 2) >= 6)) >= 7));
+      const int b_pp_next = ((((b_pp[i] + 5) + ((b_pq[i] + 2) >= 6)) >= 7) ? (((b_pp[i] + 5) + ((b_pq[i] + 2) >= 6)) - 7) : ((b_pp[i] + 5) + ((b_pq[i] + 2) >= 6)));
+      const int b_pq_next = (((b_pq[i] + 2) >= 6) ? ((b_pq[i] + 2) - 6) : (b_pq[i] + 2));
+      b_pn[i] = b_pn_next;
+      b_pp[i] = b_pp_next;
+      b_pq[i] = b_pq_next;  // the digits bk further
     }
       }
     }
@@ -171,18 +203,31 @@ mpk_conv_wgrad_float16_6ee5b783af6f(const u16* __restrict__ A, const u16* __rest
       {
         const int stage = tile % 2;
         
-      #pragma unroll
-      for (int ks = 0; ks < 32; ks += 16) {
+      const u32 a_fb = sA_u + stage * 2048 + a_fr;
+      const u32 b_fb = sB_u + stage * 2048 + b_fr;
+      {  // k16 step 0
         u32 af[2][4];
         u32 bf[2][2];
+        ldsm_x4_t(a_fb, af[0][0], af[0][1], af[0][2], af[0][3]);
+        ldsm_x4_t((a_fb ^ 32), af[1][0], af[1][1], af[1][2], af[1][3]);
+        ldsm_x4_t(b_fb, bf[0][0], bf[0][1], bf[1][0], bf[1][1]);
         #pragma unroll
         for (int mi = 0; mi < 2; ++mi)
-          ldsm_x4_t(sA_u + (stage * 1024 + (((((ks + (((lane >> 3) >> 1) * 8)) + (lane & 7)) * 32) + (((((wm0 + (mi * 16)) + (((lane >> 3) & 1) * 8)) >> 3) ^ ((((ks + (((lane >> 3) >> 1) * 8)) + (lane & 7)) / 2) & 3)) * 8)) + (((wm0 + (mi * 16)) + (((lane >> 3) & 1) * 8)) & 7))) * 2,
-                af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
-        #pragma unroll
-        for (int nj = 0; nj < 2; nj += 2)
-          ldsm_x4_t(sB_u + (stage * 1024 + (((((ks + (((lane >> 3) & 1) * 8)) + (lane & 7)) * 32) + (((((wn0 + (nj * 8)) + (((lane >> 3) >> 1) * 8)) >> 3) ^ ((((ks + (((lane >> 3) & 1) * 8)) + (lane & 7)) / 2) & 3)) * 8)) + (((wn0 + (nj * 8)) + (((lane >> 3) >> 1) * 8)) & 7))) * 2,
-                bf[nj][0], bf[nj][1], bf[nj + 1][0], bf[nj + 1][1]);
+          #pragma unroll
+          for (int ni = 0; ni < 2; ++ni)
+            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                         "{%0,%1,%2,%3};\n"
+                         : "+f"(acc[mi][ni][0]), "+f"(acc[mi][ni][1]), "+f"(acc[mi][ni][2]),
+                           "+f"(acc[mi][ni][3])
+                         : "r"(af[mi][0]), "r"(af[mi][1]), "r"(af[mi][2]), "r"(af[mi][3]),
+                           "r"(bf[ni][0]), "r"(bf[ni][1]));
+      }
+      {  // k16 step 16
+        u32 af[2][4];
+        u32 bf[2][2];
+        ldsm_x4_t(a_fb + 1024, af[0][0], af[0][1], af[0][2], af[0][3]);
+        ldsm_x4_t((a_fb ^ 32) + 1024, af[1][0], af[1][1], af[1][2], af[1][3]);
+        ldsm_x4_t(b_fb + 1024, bf[0][0], bf[0][1], bf[1][0], bf[1][1]);
         #pragma unroll
         for (int mi = 0; mi < 2; ++mi)
           #pragma unroll

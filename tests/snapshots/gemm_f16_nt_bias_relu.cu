@@ -1,5 +1,5 @@
 // mpcompile kernel mpk_gemm_float16_51285fa72f27: gemm float16 m=256 n=512 k=128 batch=1 split_k=1
-// tile 128x128x32, warps 2x4, stages 3, A k-contiguous vec 8, B k-contiguous vec 8
+// tile 128x128x32, warps 2x4, stages 3, A k-contiguous vec 8 hoisted, B k-contiguous vec 8 hoisted
 // epilogue ['bias_n', 'relu'] -> float16; generated, do not edit
 
 typedef unsigned short u16;
@@ -35,6 +35,10 @@ __device__ __forceinline__ void cp_async(u32 dst, const void* src, bool ok, int 
 }
 __device__ __forceinline__ void cp_async_n(u32 dst, const void* src, int n) {  // n: 0 or 16
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_if(u32 dst, const void* src, u32 ok) {  // else zeros
+  asm volatile("{ .reg .pred p; setp.eq.u32 p, %2, 0;\n"
+               "cp.async.cg.shared.global [%0], [%1], 16, p; }\n" :: "r"(dst), "l"(src), "r"(ok));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
@@ -81,6 +85,10 @@ mpk_gemm_float16_51285fa72f27(const u16* __restrict__ A, const u16* __restrict__
       #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.f;
 
+
+  // ldmatrix: each thread's first offset; the others are an XOR and an immediate away
+  const u32 a_fr = (((((wm0 + (((lane >> 3) & 1) * 8)) + (lane & 7)) * 32) + ((((((lane >> 3) >> 1) * 8) >> 3) ^ ((((wm0 + (((lane >> 3) & 1) * 8)) + (lane & 7)) / 2) & 3)) * 8)) + ((((lane >> 3) >> 1) * 8) & 7)) * 2;
+  const u32 b_fr = (((((wn0 + (((lane >> 3) >> 1) * 8)) + (lane & 7)) * 32) + ((((((lane >> 3) & 1) * 8) >> 3) ^ ((((wn0 + (((lane >> 3) >> 1) * 8)) + (lane & 7)) / 2) & 3)) * 8)) + ((((lane >> 3) & 1) * 8) & 7)) * 2;
 
   // operand a: offsets and predicates of this thread's copies, computed once
   const u16* A_k = A + (long long)k_start * 1;
@@ -175,18 +183,37 @@ mpk_gemm_float16_51285fa72f27(const u16* __restrict__ A, const u16* __restrict__
       {
         const int stage = tile % 3;
         
-      #pragma unroll
-      for (int ks = 0; ks < 32; ks += 16) {
+      const u32 a_fb = sA_u + stage * 8192 + a_fr;
+      const u32 b_fb = sB_u + stage * 8192 + b_fr;
+      {  // k16 step 0
         u32 af[4][4];
         u32 bf[4][2];
+        ldsm_x4(a_fb, af[0][0], af[0][1], af[0][2], af[0][3]);
+        ldsm_x4(a_fb + 1024, af[1][0], af[1][1], af[1][2], af[1][3]);
+        ldsm_x4(a_fb + 2048, af[2][0], af[2][1], af[2][2], af[2][3]);
+        ldsm_x4(a_fb + 3072, af[3][0], af[3][1], af[3][2], af[3][3]);
+        ldsm_x4(b_fb, bf[0][0], bf[0][1], bf[1][0], bf[1][1]);
+        ldsm_x4(b_fb + 1024, bf[2][0], bf[2][1], bf[3][0], bf[3][1]);
         #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
-          ldsm_x4(sA_u + (stage * 4096 + ((((((wm0 + (mi * 16)) + (((lane >> 3) & 1) * 8)) + (lane & 7)) * 32) + ((((ks + (((lane >> 3) >> 1) * 8)) >> 3) ^ (((((wm0 + (mi * 16)) + (((lane >> 3) & 1) * 8)) + (lane & 7)) / 2) & 3)) * 8)) + ((ks + (((lane >> 3) >> 1) * 8)) & 7))) * 2,
-                af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
-        #pragma unroll
-        for (int nj = 0; nj < 4; nj += 2)
-          ldsm_x4(sB_u + (stage * 4096 + ((((((wn0 + (nj * 8)) + (((lane >> 3) >> 1) * 8)) + (lane & 7)) * 32) + ((((ks + (((lane >> 3) & 1) * 8)) >> 3) ^ (((((wn0 + (nj * 8)) + (((lane >> 3) >> 1) * 8)) + (lane & 7)) / 2) & 3)) * 8)) + ((ks + (((lane >> 3) & 1) * 8)) & 7))) * 2,
-                bf[nj][0], bf[nj][1], bf[nj + 1][0], bf[nj + 1][1]);
+          #pragma unroll
+          for (int ni = 0; ni < 4; ++ni)
+            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                         "{%0,%1,%2,%3};\n"
+                         : "+f"(acc[mi][ni][0]), "+f"(acc[mi][ni][1]), "+f"(acc[mi][ni][2]),
+                           "+f"(acc[mi][ni][3])
+                         : "r"(af[mi][0]), "r"(af[mi][1]), "r"(af[mi][2]), "r"(af[mi][3]),
+                           "r"(bf[ni][0]), "r"(bf[ni][1]));
+      }
+      {  // k16 step 16
+        u32 af[4][4];
+        u32 bf[4][2];
+        ldsm_x4((a_fb ^ 32), af[0][0], af[0][1], af[0][2], af[0][3]);
+        ldsm_x4((a_fb ^ 32) + 1024, af[1][0], af[1][1], af[1][2], af[1][3]);
+        ldsm_x4((a_fb ^ 32) + 2048, af[2][0], af[2][1], af[2][2], af[2][3]);
+        ldsm_x4((a_fb ^ 32) + 3072, af[3][0], af[3][1], af[3][2], af[3][3]);
+        ldsm_x4((b_fb ^ 32), bf[0][0], bf[0][1], bf[1][0], bf[1][1]);
+        ldsm_x4((b_fb ^ 32) + 1024, bf[2][0], bf[2][1], bf[3][0], bf[3][1]);
         #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
           #pragma unroll
