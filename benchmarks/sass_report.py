@@ -3,9 +3,11 @@ representative kernel, how each operand's copy addresses are formed (``KernelSpe
 the filter iterator, hoisted, or the general im2col path), the K loop's instruction count and
 HMMA share (static: the filter iterator's recomputation when (r, s) moves is counted although it
 runs once every C/bk k-tiles), its ldmatrix and cp.async counts, the epilogue's global store
-widths, registers and spills. A Markdown table, for RESULTS.md, until a GPU run gives times.
+widths, registers and spills; then the same GEMMs through the Hopper (sm_90a) wgmma kernel with
+each preset: HGMMA instructions, epilogue store widths, registers, spills, shared memory. Markdown
+tables, for RESULTS.md, until a GPU run gives times.
 
-    python benchmarks/sass_report.py [--arch sm_80]
+    python benchmarks/sass_report.py [--arch sm_80] [--no-hopper]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from mpcompile.codegen import hopper
 from mpcompile.codegen.render import render_source
 from mpcompile.codegen.spec import Conv, Epilogue, KernelSpec, Kind, widest_vec
 from mpcompile.codegen.tiles import choose_tile, conv_spec
@@ -58,9 +61,21 @@ def row(label: str, spec: KernelSpec, arch: str) -> str:
             f"{stores} | {i.registers} | {i.spill_stores + i.spill_loads} |")
 
 
+def hopper_row(label: str, spec: KernelSpec, config: hopper.HopperConfig) -> str:
+    info = hopper.hopper_sass_summary(spec, config)
+    compiled = hopper.compile_hopper(spec, config)
+    stores = ", ".join(f"{k} x{v}" for k, v in
+                       sorted(sass.global_stores(sass.disassemble(compiled.cubin)).items()))
+    kinds = ", ".join(info["hgmma_kinds"])
+    return (f"| {label} | {info['tile']}/{info['stages']} | {info['hgmma']} ({kinds}) | "
+            f"{'yes' if info['wgmma_serialized'] else 'no'} | {stores} | {info['registers']} | "
+            f"{info['spill_stores'] + info['spill_loads']} | {info['smem_bytes']} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--arch", default="sm_80")
+    p.add_argument("--no-hopper", action="store_true", help="skip the sm_90a wgmma table")
     args = p.parse_args()
     t0 = time.perf_counter()
     version = ".".join(map(str, nvrtc.nvrtc_version()))
@@ -71,6 +86,16 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, spec in cases():
         print(row(label, spec, args.arch))
+    if not args.no_hopper:
+        print(f"\nSASS of the Hopper wgmma kernel, {hopper.ARCH} (per thread; 'serialized': "
+              "ptxas had to insert waits between wgmmas)\n")
+        print("| GEMM | tile/stages | HGMMA | serialized | epilogue stores | registers | spills | "
+              "shared memory (B) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for label, spec in cases():
+            if hopper.supports(spec) is None:
+                for config in hopper.PRESETS:
+                    print(hopper_row(label, spec, config))
     print(f"\n({time.perf_counter() - t0:.0f} s)")
 
 
