@@ -261,11 +261,13 @@ def gemm_spec(dtype, m, n, k, al="row", bl="row", ops=(), out=None, tile=None, b
     ldb = (n if bl == "row" else k) + pad
     ldc = n + pad
     rows_a, rows_b = (m if al == "row" else k), (k if bl == "row" else n)
-    return KernelSpec(Kind.GEMM, dtype, m, n, k, tile=tile or choose_tile(m, n),
+    vec_a = widest_vec(lda, k if al == "row" else m)
+    vec_b = widest_vec(ldb, n if bl == "row" else k)
+    return KernelSpec(Kind.GEMM, dtype, m, n, k,
+                      tile=tile or choose_tile(m, n, min(vec_a, vec_b)),
                       epilogue=Epilogue(tuple(ops), out or dtype, dtype), a_layout=al,
                       b_layout=bl, lda=lda, ldb=ldb, ldc=ldc, batch=batch,
-                      vec_a=widest_vec(lda, k if al == "row" else m),
-                      vec_b=widest_vec(ldb, n if bl == "row" else k),
+                      vec_a=vec_a, vec_b=vec_b,
                       batch_stride_a=rows_a * lda if batch > 1 else 0,
                       batch_stride_b=rows_b * ldb if batch > 1 else 0,
                       batch_stride_c=m * ldc if batch > 1 else 0)

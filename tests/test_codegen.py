@@ -749,3 +749,32 @@ def test_compile_errors_name_the_kernel():
     with pytest.raises(nvrtc.CompileError, match="mpk_broken does not compile for sm_80"):
         nvrtc.compile_cubin("extern \"C\" __global__ void mpk_broken() { oops; }",
                             "mpk_broken", "sm_80", use_cache=False)
+
+
+def test_wide_warp_tiles_need_wide_copies():
+    """The 64x64-warp-tile presets spill with copies narrower than 4 elements (measured on
+    sm_80: 1.5 KB a thread at vec 1, 0 at vec 4); the spec refuses them and choose_tile falls
+    back to a 32x32-warp-tile preset. A data gradient keeps bm <= 128 (254 registers + 8 B of
+    spills at 256x128)."""
+    from mpcompile.codegen.spec import WIDE_TILE_MIN_VEC
+    from mpcompile.codegen.tiles import choose_tile, conv_spec
+
+    def spec(tile, vec_a, vec_b):
+        return KernelSpec(Kind.GEMM, "float16", 1024, 1024, 1024, tile=tile,
+                          epilogue=Epilogue((), "float16", "float16"), lda=1024, ldb=1024,
+                          ldc=1024, vec_a=vec_a, vec_b=vec_b)
+
+    for name in ("large", "wide", "medium"):
+        assert TILES[name].accumulator_registers == 128
+        spec(TILES[name], WIDE_TILE_MIN_VEC, 8)
+        for va, vb in ((1, 8), (8, 2), (2, 2)):
+            with pytest.raises(SpecError, match="64x64 warp tiles"):
+                spec(TILES[name], va, vb)
+    assert choose_tile(4096, 4096, vec=8) == TILES["large"]
+    assert choose_tile(4096, 4096, vec=2) == TILES["small"]
+    assert choose_tile(4096, 2048, vec=8) == TILES["wide"]
+    assert choose_tile(4096, 2048, vec=8, kind=Kind.CONV_DGRAD) == TILES["large"]
+    spec(choose_tile(4096, 4096, vec=1), 1, 1)  # the fallback builds
+    cv = Conv(32, 28, 28, 256, 1024, 3, 3, (1, 1), (1, 1))
+    with pytest.raises(SpecError, match="data gradient"):
+        dataclasses.replace(conv_spec(Kind.CONV_DGRAD, "float16", cv), tile=TILES["wide"])

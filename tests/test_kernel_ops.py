@@ -47,14 +47,15 @@ def gemm_call(m, n, k, ops=(), out="float16", dtype="float16", a_layout="row", b
               batch=1, bias_dtype=None, final=None) -> Call:
     lda = k if a_layout == "row" else m
     ldb = n if b_layout == "row" else k
-    spec = KernelSpec(Kind.GEMM, dtype, m, n, k, tile=choose_tile(m, n),
+    vec_a = widest_vec(k if a_layout == "row" else m, lda)
+    vec_b = widest_vec(n if b_layout == "row" else k, ldb)
+    spec = KernelSpec(Kind.GEMM, dtype, m, n, k, tile=choose_tile(m, n, min(vec_a, vec_b)),
                       epilogue=Epilogue(tuple(ops), out, bias_dtype or dtype), batch=batch,
                       a_layout=a_layout, b_layout=b_layout, lda=lda, ldb=ldb, ldc=n,
                       batch_stride_a=m * k if batch > 1 else 0,
                       batch_stride_b=k * n if batch > 1 else 0,
                       batch_stride_c=m * n if batch > 1 else 0,
-                      vec_a=widest_vec(k if a_layout == "row" else m, lda),
-                      vec_b=widest_vec(n if b_layout == "row" else k, ldb))
+                      vec_a=vec_a, vec_b=vec_b)
     return Call(spec, "bias_n" in ops, "scale" in ops, final=final or out)
 
 

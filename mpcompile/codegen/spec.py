@@ -68,6 +68,9 @@ def widest_vec(*extents: int) -> int:
     return 1
 
 
+WIDE_TILE_MIN_VEC = 4  # copy width (elements) both operands need under 64x64 warp tiles
+
+
 class SpecError(KernelError, ValueError):
     """A kernel spec that cannot be built (says why)."""
 
@@ -282,6 +285,17 @@ class KernelSpec:
         if self.tile.accumulator_registers > 128:
             raise SpecError(f"warp tile needs {self.tile.accumulator_registers} accumulator "
                             "registers per thread (> 128 leaves too few for the rest)")
+        t = self.tile
+        if t.accumulator_registers >= 128 and min(self.vec_a, self.vec_b) < WIDE_TILE_MIN_VEC:
+            raise SpecError(
+                f"tile {t.bm}x{t.bn}x{t.bk} (64x64 warp tiles) needs copies of "
+                f"{WIDE_TILE_MIN_VEC}+ elements on both operands, got vec_a={self.vec_a}, "
+                f"vec_b={self.vec_b}: narrower copies spill registers (measured on sm_80: up to "
+                "1.5 KB a thread); use a smaller tile (choose_tile(m, n, vec=...))")
+        if self.kind is Kind.CONV_DGRAD and t.bm > 128:
+            raise SpecError(f"tile {t.bm}x{t.bn}x{t.bk}: a data gradient's two stepped "
+                            "operands spill at bm > 128 (measured on sm_80: 254 registers and "
+                            "8 B of spills); use bm <= 128")
 
     def _check_conv(self) -> None:
         cv = self.conv

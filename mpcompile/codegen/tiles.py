@@ -7,7 +7,16 @@ autotuner times the presets, and ``scripts/gpu_check.py`` checks the same varian
 from __future__ import annotations
 
 from ..dtypes import FLOAT32
-from .spec import Conv, Epilogue, KernelSpec, Kind, Tile, conv_gemm_shape, widest_vec
+from .spec import (
+    WIDE_TILE_MIN_VEC,
+    Conv,
+    Epilogue,
+    KernelSpec,
+    Kind,
+    Tile,
+    conv_gemm_shape,
+    widest_vec,
+)
 
 TILES: dict[str, Tile] = {  # the configurations the lowering chooses from (and autotuning times)
     # 64x64 warp tiles (128 FP32 accumulators a thread): 16 LDSM feed 64 HMMA per k16 step;
@@ -39,13 +48,16 @@ def register_budget(t: Tile, elementwise: bool = False) -> int:
                255)
 
 
-def choose_tile(m: int, n: int) -> Tile:
+def choose_tile(m: int, n: int, vec: int = 8, kind: Kind | None = None) -> Tile:
     """The largest preset whose block still has work on an M x N output (the long side of the
-    CTA along the long side of the output)."""
-    if m >= 1024 and n >= 1024:
-        return TILES["large"] if n >= m else TILES["wide"]
-    if m >= 256 and n >= 128:
-        return TILES["medium"]
+    CTA along the long side of the output). ``vec``: the narrower of the two operands' copy
+    widths; the 64x64-warp-tile presets need ``WIDE_TILE_MIN_VEC`` (narrower copies spill), and
+    a data gradient (``kind``) keeps bm <= 128 (see ``KernelSpec``'s checks)."""
+    if vec >= WIDE_TILE_MIN_VEC:
+        if m >= 1024 and n >= 1024:
+            return TILES["wide"] if m > n and kind is not Kind.CONV_DGRAD else TILES["large"]
+        if m >= 256 and n >= 128:
+            return TILES["medium"]
     if m >= 64 and n >= 64:
         return TILES["small"]
     return TILES["tiny"]
@@ -75,13 +87,13 @@ def conv_spec(kind: Kind, dtype: str, cv: Conv, ops: tuple[str, ...] = (),
     weight gradients (FP32 partials: the output is then FP32, rounded by the caller), the
     widest copies the channel counts allow. ``out`` defaults to ``dtype``."""
     m, n, k = conv_gemm_shape(kind, cv)
-    tile = choose_tile(m, n)
+    vec_a, vec_b = widest_vec(cv.c if kind is Kind.CONV_FPROP else cv.k), widest_vec(cv.c)
+    tile = choose_tile(m, n, min(vec_a, vec_b), kind)
     split = choose_split_k(k, m, n, tile) if kind is Kind.CONV_WGRAD else 1
     out = FLOAT32.name if split > 1 else (out or dtype)
     return KernelSpec(kind, dtype, m, n, k, tile=tile,
                       epilogue=Epilogue(tuple(ops), out, dtype), conv=cv, split_k=split,
-                      vec_a=widest_vec(cv.c if kind is Kind.CONV_FPROP else cv.k),
-                      vec_b=widest_vec(cv.c))
+                      vec_a=vec_a, vec_b=vec_b)
 
 
 __all__ = ["SMS", "SPLIT_K_MAX", "SPLIT_K_MIN_DEPTH", "TILES", "choose_split_k", "choose_tile",

@@ -187,16 +187,16 @@ def _lower_gemm(gm, node, idx, low, mode) -> int | str:
     m, k, n = va.shape[-2], va.shape[-1], vb.shape[-1]
     if bias is not None:
         ops = ["bias_n", *ops]
+    vec_a = widest_vec(k if al == "row" else m, lda)
+    vec_b = widest_vec(n if bl == "row" else k, ldb)
     spec = KernelSpec(
-        Kind.GEMM, low, m, n, k, tile=choose_tile(m, n),
+        Kind.GEMM, low, m, n, k, tile=choose_tile(m, n, min(vec_a, vec_b)),
         epilogue=Epilogue(tuple(ops), out, dtype_name(val_dtype(bias)) if bias is not None
                           else low),
         batch=va.shape[0] if batched else 1, a_layout=al, b_layout=bl, lda=lda, ldb=ldb,
         ldc=n, batch_stride_a=va.stride()[0] if batched else 0,
         batch_stride_b=vb.stride()[0] if batched else 0,
-        batch_stride_c=m * n if batched else 0,
-        vec_a=widest_vec(k if al == "row" else m, lda),
-        vec_b=widest_vec(n if bl == "row" else k, ldb))
+        batch_stride_c=m * n if batched else 0, vec_a=vec_a, vec_b=vec_b)
     if transposed:
         a_arg, b_arg = _transposed_view(gm, node, a), _transposed_view(gm, node, b)
     else:
