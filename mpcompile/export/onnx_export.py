@@ -191,6 +191,12 @@ def export_onnx(obj: MixedPrecisionModule | TrainStep, path: str | Path | None =
             cast inside the graph, instead of low-precision initializers.
     """
     if isinstance(obj, TrainStep):
+        if obj.data_parallel is not None:
+            raise ExportError(
+                f"export_onnx: this training step is {obj.data_parallel}: its graph all-reduces "
+                "gradients across processes, which ONNX cannot express. Export a step compiled "
+                "on one process (compile_train_step without process_group, torch.distributed "
+                "not initialised)")
         parts = step_parts(obj)
     elif isinstance(obj, MixedPrecisionModule):
         parts = forward_parts(obj, keep_fp32_weights)

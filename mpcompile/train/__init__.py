@@ -7,6 +7,8 @@
     provenance.py  phases as node annotations -> a record on every node
     step.py        TrainStep (runs it, holds the state), StepResult, CompiledStep
     report.py      TrainReport
+    distributed.py data parallelism: the group, the fingerprint check across ranks, bucketed
+                   gradient all-reduce, found_inf MAX, loss mean, buffer broadcast
 """
 
 from .compile import compile_train_step

@@ -4,9 +4,14 @@
     passes.TRAINING                            weight casts -> working-copy inputs
     layout.build                               the state: masters, working copies, optimizer
                                                state, buffers, scale, counters
-    trace.trace + provenance.finish            forward, loss, x S, autograd backward, unscale,
-                                               found_inf, [clip], update, gate, working copies,
-                                               scale update; a record on every node
+    distributed.resolve/check_same             data parallel: the group; every rank compiled
+                                               the same step (else an error on every rank);
+                                               rank 0's weights broadcast
+    trace.trace + provenance.finish            forward, loss, x S, autograd backward,
+                                               [bucketed gradient all-reduce], unscale,
+                                               found_inf [all-reduce MAX], [clip], update, gate,
+                                               working copies, scale update, [loss mean over
+                                               ranks]; a record on every node
     passes.EXECUTION + state_in_place          generated kernels where Policy.kernels allows;
                                                the new state stored into the state inputs
     backends.Runner                            eager, or Inductor on the first step
@@ -26,6 +31,8 @@ from ..checks import check
 from ..errors import TrainStepError
 from ..passes.working_copies import working
 from ..policy import Policy
+from ..signature import TensorSpec
+from . import distributed
 from . import layout as state_layout
 from .provenance import finish, mark_forward
 from .step import CompiledStep, TrainStep, batch_key, batch_signature
@@ -37,7 +44,9 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
                        optimizer: Any, batch: Any = None, dtype: torch.dtype | None = None,
                        loss_scale: Any = "default", policy: Policy | None = None,
                        max_grad_norm: float | None = None,
-                       master_weights: bool = True, backend: str = "auto") -> TrainStep:
+                       master_weights: bool = True, backend: str = "auto",
+                       process_group: Any = None, bucket_cap_mb: float = 25.0,
+                       grad_reduce_dtype: torch.dtype | None = None) -> TrainStep:
     """Compile one mixed-precision training step of ``model`` into a single fx graph.
 
     Args:
@@ -66,16 +75,44 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
             parameter), ``"eager"`` (op by op), or ``"auto"`` (default: Inductor where it can
             run on the device, else eager). Inductor compiles on the first step; if it fails
             the step runs eagerly with one logged warning (``report()`` says so).
+        process_group: data parallelism. None (default): torch.distributed's default group
+            when it is initialised with 2 or more ranks, else one process; or a
+            ``torch.distributed.ProcessGroup``. Every rank compiles the same step (checked
+            here: a different model, dtype, optimizer or batch shape raises on every rank);
+            rank 0's parameters and buffers are copied to every rank (as DDP does). Each step
+            averages the gradients over the ranks inside the graph (functional all-reduce,
+            bucketed, before unscale, as DDP + GradScaler), skips on every rank when any rank
+            overflows, and reports the loss averaged over the ranks (the concatenated batch's
+            mean, since every rank's batch has the same size). The new buffers (batch-norm
+            statistics) are rank 0's on every rank, as DDP's ``broadcast_buffers``; batch
+            statistics stay per rank (no SyncBatchNorm). gloo (CPU) and NCCL (CUDA).
+        bucket_cap_mb: the size of the flat buffers the gradients are all-reduced in (DDP's 25).
+        grad_reduce_dtype: None (the gradients' dtype, as DDP) or ``torch.float32``.
     """
-    backends.check_backend(backend)
-    policy = _policy(policy, dtype)
-    ls = scaling.resolve(loss_scale, policy.dtype)
-    args, kwargs, targets = _batch(loss_fn, max_grad_norm, example_inputs, example_targets,
-                                   batch)
+    dp = distributed.resolve(process_group, bucket_cap_mb, grad_reduce_dtype)
+    try:
+        backends.check_backend(backend)
+        policy = _policy(policy, dtype)
+        ls = scaling.resolve(loss_scale, policy.dtype)
+        args, kwargs, targets = _batch(loss_fn, max_grad_norm, example_inputs, example_targets,
+                                       batch)
+        named = list(model.named_parameters())
+        plan = optim.plan_for(optimizer, named)
+        policy.check_pins(model)
+    except Exception as e:
+        if dp is not None:  # tell the other ranks, which wait for this rank's fingerprint
+            distributed.share_failure(dp, e)
+        raise
     inputs = tensor_leaves(args, kwargs)
-    named = list(model.named_parameters())
-    plan = optim.plan_for(optimizer, named)
-    policy.check_pins(model)
+    if dp is not None:
+        distributed.check_same(dp, distributed.fingerprint(model, {
+            "batch": _describe_batch(batch_signature(args, kwargs, targets)),
+            "dtype": policy.dtype, "policy": policy, "optimizer": plan, "loss scale": ls,
+            "loss_fn": getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__),
+            "max_grad_norm": max_grad_norm, "master_weights": master_weights,
+            "backend": backend, "bucket_cap_mb": bucket_cap_mb,
+            "grad_reduce_dtype": grad_reduce_dtype, "world size": dp.world_size}))
+        distributed.broadcast_model(dp, model)
 
     # the step trains: a model in eval mode is captured as after model.train(); a model already
     # in train mode keeps the modes of its submodules (e.g. a batch norm frozen with .eval())
@@ -95,7 +132,7 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
     layout, values = state_layout.build(model, plan, has_copy, keep_master, policy.dtype, ls)
     constants = tuple(b.target for b in fwd.ctx.inputs if b.kind is BindingKind.CONST)
     spec = StepSpec(fwd.gm, fwd.ctx.inputs, program.captured, layout, plan, ls, policy.dtype,
-                    max_grad_norm, loss_fn, len(inputs), len(constants), keep_master)
+                    max_grad_norm, loss_fn, len(inputs), len(constants), keep_master, dp)
     dev = values[0].device
     lrs = [torch.tensor(g.lr, dtype=torch.float64, device=dev) for g in plan.groups]
     input_names = (*layout.names, *(f"lr{i}" for i in range(len(lrs))),
@@ -115,7 +152,7 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
         max_grad_norm=max_grad_norm, batch_signature=batch_signature(args, kwargs, targets),
         batch_key=batch_key(args, kwargs, targets),
         input_names=input_names, n_model_inputs=len(inputs), constants=constants,
-        backend=backend)
+        backend=backend, data_parallel=dp)
     lr_source = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
     return TrainStep(model, compiled, values, lr_source)
 
@@ -126,6 +163,10 @@ def _policy(policy: Policy | None, dtype: torch.dtype | None) -> Policy:
     if dtype is not None and dtype != policy.dtype:
         raise TrainStepError(f"dtype={dtype} conflicts with policy.dtype={policy.dtype}")
     return policy
+
+
+def _describe_batch(signature: tuple) -> str:
+    return ", ".join(f"{k} {v if isinstance(v, TensorSpec) else v[1]}" for k, v in signature)
 
 
 def _batch(loss_fn, max_grad_norm, example_inputs, example_targets, batch

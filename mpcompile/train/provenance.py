@@ -28,6 +28,10 @@ PHASES = {
     "loss_scale": "multiplies the loss by the loss scale S before backward, so small gradients "
                   "stay representable in FP16",
     "backward": "backward, derived by autograd from the mixed-precision forward",
+    "grad_all_reduce": "averages the gradients over the data-parallel ranks: flat buffers by "
+                       "dtype, divided by the world size, one functional all_reduce (sum) per "
+                       "bucket, before unscale (as DDP + GradScaler)",
+    "buffer_broadcast": "the new buffers are rank 0's on every rank (DDP's broadcast_buffers)",
     "unscale": "casts a gradient to FP32 and divides it by S, right after backward",
     "found_inf": "checks every unscaled gradient for inf/NaN (the skip decision, in the graph: "
                  "no host sync)",

@@ -18,6 +18,9 @@ from .provenance import PHASES
 
 F32 = torch.float32
 
+# phases a data-parallel step adds (traced by distributed.py), and where they go in the order
+_DP_PHASES = {"grad_all_reduce": "backward", "buffer_broadcast": "update"}
+
 @dataclass(frozen=True)
 class TrainReport:
     """The core report of the forward plus what the training graph adds."""
@@ -84,7 +87,8 @@ def build_train_report(step, forward_report) -> TrainReport:
         if n.op != "call_function" or is_getitem(n):
             continue
         rec = record(n)
-        ph = rec.created_by if rec.created_by in PHASES else "forward"
+        ph = rec.created_by if rec.created_by in PHASES or rec.created_by in _DP_PHASES \
+            else "forward"
         by_phase[ph] += 1
         ops[ph][str(n.target)] += 1
         if is_cast(n):
@@ -104,7 +108,9 @@ def build_train_report(step, forward_report) -> TrainReport:
             low += nbytes
         elif t.dtype is F32:
             fp32 += nbytes
-    order = ["forward", *PHASES]
+    order = ["forward"]
+    for ph in PHASES:
+        order += [ph, *(d for d, after in _DP_PHASES.items() if after == ph)]
     return TrainReport(
         forward=forward_report, kernels=kernel_infos(step.executable),
         nodes_by_phase={k: by_phase[k] for k in order if by_phase[k]},
@@ -112,5 +118,6 @@ def build_train_report(step, forward_report) -> TrainReport:
         updates_per_param=dict(per_param), casts=dict(casts), fp32_state_bytes=fp32,
         low_state_bytes=low, state_bytes_by_kind=dict(kinds),
         backward_precision={k: dict(v) for k, v in bwd.items()},
-        execution=str(step.execution),
+        execution=str(step.execution) + (f"; {step.data_parallel}" if step.data_parallel
+                                         else ""),
     )

@@ -23,6 +23,7 @@ from ..policy import Policy
 from ..report import build_report
 from ..signature import Signature, TensorSpec
 from . import checkpoint
+from .distributed import DataParallel
 from .layout import OUTPUTS, StateKind, StateLayout, key
 from .report import build_train_report
 
@@ -93,6 +94,7 @@ class CompiledStep:
     constants: tuple[torch.Tensor, ...] = ()  # the model's tensor constants: the last inputs
     batch_key: tuple = ()  # batch_key() of the example: what step() compares
     backend: str = "auto"  # the requested execution backend (backends.BACKENDS)
+    data_parallel: DataParallel | None = None  # the ranks it averages over; None: one process
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -138,6 +140,9 @@ class TrainStep:
     execution = property(lambda self: self._runner.status,
                          doc="which backend runs the step, why, and its compile time")
     stages = property(lambda self: dict(self._compiled.stages), doc="every pass's graph")
+    data_parallel = property(lambda self: self._compiled.data_parallel,
+                             doc="the ranks the step averages gradients over (a "
+                                 "DataParallel: group, rank, world_size), or None")
     input_names = property(lambda self: self._compiled.input_names,
                            doc="one name per graph input: state, lr<i>, input<i>, target<i>")
     output_names = property(lambda self: self._compiled.output_names,

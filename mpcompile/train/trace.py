@@ -24,7 +24,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .. import optim, scaling
 from ..capture import Binding, BindingKind, Captured
 from ..errors import MPCompileError, TrainStepError
-from . import phases
+from . import distributed, phases
+from .distributed import DataParallel
 from .layout import StateKind, StateLayout, key
 from .provenance import hook_backward, phase
 
@@ -47,6 +48,7 @@ class StepSpec:
     n_inputs: int  # tensors of the batch that are model inputs (the rest are targets)
     n_constants: int  # tensor constants of the model, the step's last inputs
     keep_master: tuple[str, ...]  # parameters with an FP32 master (all, unless the ablation)
+    data_parallel: DataParallel | None = None  # None: one process, no collectives
 
 
 def trace(spec: StepSpec, example: list[torch.Tensor]) -> fx.GraphModule:
@@ -75,12 +77,22 @@ def _step_function(spec: StepSpec) -> Callable:
         inputs, targets = batch[:spec.n_inputs], batch[spec.n_inputs:]
         fp32_of, feed, leaves = _inputs(spec, st, inputs, consts)
         loss, grads, new_buffers = _forward_backward(spec, st, feed, leaves, targets)
+        dp = spec.data_parallel
         with torch.no_grad():
+            if dp is not None:
+                with phase("grad_all_reduce", subject=str(dp)):
+                    grads = distributed.average_gradients(dp, grads)
             g32, found, norm = _unscale(spec, st, grads)
+            if dp is not None:
+                with phase("found_inf", subject=f"all-reduce MAX: {dp}"):
+                    found = distributed.agree_found_inf(dp, found)
             new, step_now = _update(spec, st, lrs, g32, found, fp32_of)
             with phase("gate", subject="buffers and step count"):
                 for fqn, v in new_buffers.items():
                     name = key(StateKind.BUFFER, fqn)
+                    if dp is not None:
+                        with phase("buffer_broadcast", subject=f"{fqn}: rank 0's, {dp}"):
+                            v = distributed.from_rank0(dp, v)
                     new[name] = phases.gate(found, st[name], v)
                 new["step"] = phases.gate(found, st["step"], step_now)
             with phase("scale_update"):
@@ -88,7 +100,11 @@ def _step_function(spec: StepSpec) -> Callable:
                     spec.loss_scale, st["scale"], st["growth_tracker"], found)
             with phase("outputs"):
                 out = [new[k] for k in spec.layout.names]
-                out += [loss.detach().to(F32), new["scale"], found]
+                loss = loss.detach().to(F32)
+                if dp is not None:
+                    with phase("outputs", subject=f"the loss, mean over ranks: {dp}"):
+                        loss = distributed.global_mean(dp, loss)
+                out += [loss, new["scale"], found]
                 if norm is not None:
                     out.append(norm)
         return tuple(out)
