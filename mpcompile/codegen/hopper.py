@@ -36,6 +36,7 @@ from . import wgmma as wg
 from .epilogue import OPS
 from .expr import Sym, render
 from .hopper_protocol import Op, Protocol, ProtocolError, Step
+from .render import CONVERSIONS, cvt_prefix
 from .spec import KernelSpec, Kind, SpecError
 
 ARCH = "sm_90a"
@@ -292,24 +293,11 @@ def _render_steps(steps: tuple[Step, ...], stages: int, i, code: dict) -> list[s
     return out
 
 
-_PRELUDE = r"""
-typedef unsigned short u16;
-typedef unsigned int u32;
+_PRELUDE = CONVERSIONS + r"""
 typedef unsigned long long u64;
 struct __align__(64) TmaDesc { u64 opaque[16]; };  // CUtensorMap: 128 opaque bytes
 struct __align__(8) f32x2 { float x, y; };
 
-__device__ __forceinline__ float f16_to_f32(u16 v) {
-  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f;
-}
-__device__ __forceinline__ float bf16_to_f32(u16 v) { return __uint_as_float(((u32)v) << 16); }
-__device__ __forceinline__ float float32_to_f32(float v) { return v; }
-__device__ __forceinline__ u16 f32_to_f16(float f) {
-  u16 v; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v;
-}
-__device__ __forceinline__ u16 f32_to_bf16(float f) {
-  u16 v; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v;
-}
 __device__ __forceinline__ u32 smem_u32(const void* p) {
   u32 r; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
   return r;
@@ -411,7 +399,7 @@ def staging_base(config: HopperConfig, cw: int) -> int:
 def _ops_code(spec: KernelSpec) -> str:
     ep = spec.epilogue
     low = info(spec.dtype).short
-    return "\n              ".join(OPS[op].c.format(low=low, bias=_cvt(ep.bias_dtype))
+    return "\n              ".join(OPS[op].c.format(low=low, bias=cvt_prefix(ep.bias_dtype))
                                   for op in ep.ops)
 
 
@@ -494,7 +482,7 @@ def _staged_epilogue(spec: KernelSpec, config: HopperConfig, lag: int) -> str:
 def _epilogue(spec: KernelSpec, config: HopperConfig) -> str:
     ep = spec.epilogue
     low = info(spec.dtype).short
-    ops = "\n          ".join(OPS[op].c.format(low=low, bias=_cvt(ep.bias_dtype))
+    ops = "\n          ".join(OPS[op].c.format(low=low, bias=cvt_prefix(ep.bias_dtype))
                              for op in ep.ops)
     row, col = wg.acc_coords(Sym("t"), Sym("i"))
     paired = spec.n % 2 == 0 and spec.ldc % 2 == 0  # a column pair is all in or all out
@@ -532,9 +520,6 @@ def _epilogue(spec: KernelSpec, config: HopperConfig) -> str:
           }}
         }}"""
 
-
-def _cvt(dtype: str) -> str:
-    return info(dtype).short if info(dtype).is_low else dtype
 
 
 def render_hopper(spec: KernelSpec, config: HopperConfig = PRESETS[0],

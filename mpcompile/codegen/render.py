@@ -37,12 +37,14 @@ def _c_type(dtype: str) -> str:
     return "u16" if info(dtype).is_low else "float"
 
 
-def _cvt(dtype: str) -> str:
+def cvt_prefix(dtype: str) -> str:
     """Prefix of the prelude's helper that reads one ``dtype`` element as float:
     ``f16_to_f32``, ``bf16_to_f32``, ``float32_to_f32``."""
     return _short(dtype) if info(dtype).is_low else dtype
 
-_PRELUDE = r"""
+# The helpers both kernels' sources start with (``hopper.py`` reuses them): 16/32-bit types and
+# the conversions the epilogue table's C statements call (``{cvt_prefix(dtype)}_to_f32``).
+CONVERSIONS = r"""
 typedef unsigned short u16;
 typedef unsigned int u32;
 
@@ -56,7 +58,9 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
 __device__ __forceinline__ u16 f32_to_bf16(float f) {
   u16 v; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v;
 }
-__device__ __forceinline__ float float32_to_f32(float v) { return v; }
+__device__ __forceinline__ float float32_to_f32(float v) { return v; }"""
+
+_PRELUDE = CONVERSIONS + r"""
 // an integer the optimiser cannot see through: the tile coordinates decoded from the raster are
 // kept opaque, or the compiler specialises the main loop on them (128x128 tile: 174 registers
 // instead of 120)
@@ -482,7 +486,7 @@ def _epilogue(spec: KernelSpec) -> str:
     by row, ``c_vec`` elements (16 bytes) per lane and store; partial chunks at a ragged right
     edge element by element."""
     t, ep = spec.tile, spec.epilogue
-    lines = [OPS[op].c.format(low=_short(spec.dtype), bias=_cvt(ep.bias_dtype))
+    lines = [OPS[op].c.format(low=_short(spec.dtype), bias=cvt_prefix(ep.bias_dtype))
              for op in ep.ops]
     out_t = "float" if spec.out_bytes == 4 else "u16"
     conv = "x" if spec.out_bytes == 4 else f"f32_to_{_short(ep.out)}(x)"
