@@ -153,6 +153,51 @@ def _mismatched_step(rank: int, linger: float):
     return "stepped"
 
 
+def _state_bytes(step) -> dict[str, int]:
+    """Bytes of this rank's step state by kind (master, working, opt, ...)."""
+    out: dict[str, int] = {}
+    for name, t in zip(step.layout.names, step.state):
+        kind = str(step.layout.kind(name))
+        out[kind] = out.get(kind, 0) + t.numel() * t.element_size()
+    return out
+
+
+def _zero(rank: int, example: str, dtype_name: str, backend: str, clip):
+    """The same 10 steps (an inf batch on rank 1 at step 4) replicated and with sharded FP32
+    state (Adam), from the same start: losses, skips, masters, working copies, state bytes."""
+    ex = EXAMPLES[example]
+    dtype = getattr(torch, dtype_name)
+    runs = {}
+    for shard in (False, True):
+        torch.manual_seed(0)
+        model = ex.build().train()
+        x, y = batch(ex, seed=rank)
+        step = mpcompile.compile_train_step(
+            model, ex.loss, x, y, dtype=dtype, backend=backend, max_grad_norm=clip,
+            optimizer=torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.01),
+            shard_optimizer_state=shard, bucket_cap_mb=0.05)
+        losses, skipped = [], []
+        for i in range(STEPS):
+            x, y = batch(ex, seed=100 * i + rank)
+            if i == 4 and rank == 1 and x[0].is_floating_point():  # (not token ids)
+                x = tuple(t.clone() for t in x)
+                x[0].view(-1)[3] = float("inf")
+            r = step.step(x, y)
+            losses.append(r.loss.item())
+            skipped.append(bool(r.skipped))
+        runs[shard] = {
+            "losses": losses, "skipped": skipped, "masters": step.masters(),
+            "working": {k: v.clone() for k, v in step.state_dict().items()
+                        if k.startswith("working.")},
+            "bytes": _state_bytes(step), "scale": step.value("scale").item(),
+            "sharded": list(step.shards.sharded) if step.shards else [],
+            "model": {k: v.detach().clone() for k, v in step.to_module().state_dict().items()},
+            "collectives": sorted({str(n.target) for n in step.graph_module.graph.nodes
+                                   if "_c10d_functional" in str(n.target)}),
+        }
+    return runs
+
+
 # -- the parent side ----------------------------------------------------------------------------
 
 def _spawn(tmp_path, name: str, *args, pg_timeout: float = 60, limit: float = 150) -> list:
@@ -314,3 +359,90 @@ def test_bad_data_parallel_options():
             _compile(0, EX.build(), process_group=object())
         with pytest.raises(TrainStepError, match="bucket_cap_mb"):
             _compile(0, EX.build(), bucket_cap_mb=-1)
+
+
+@pytest.mark.parametrize("example,dtype,backend,clip", [
+    ("mlp", "float16", "eager", None),
+    ("mlp", "bfloat16", "eager", None),
+    pytest.param("transformer", "float16", "inductor", None, marks=pytest.mark.slow),
+    pytest.param("mlp", "float16", "eager", 1.0, marks=pytest.mark.slow),
+])
+def test_sharded_state_trains_as_the_replicated_step(tmp_path, example, dtype, backend, clip):
+    outs = _spawn(tmp_path, "_zero", example, dtype, backend, clip, limit=300)
+    assert [o.get("error") for o in outs] == [None, None]
+    for r in (0, 1):
+        rep, zero = outs[r]["result"][False], outs[r]["result"][True]
+        assert zero["sharded"], "nothing was sharded"
+        assert any("reduce_scatter" in c for c in zero["collectives"])
+        assert any("all_gather" in c for c in zero["collectives"])
+        assert not any("reduce_scatter" in c for c in rep["collectives"])
+        # both ranks skip step 5 (rank 1's inf batch) in both runs
+        if example == "mlp":
+            assert rep["skipped"][4] and zero["skipped"][4], (rep["skipped"], zero["skipped"])
+        if dtype == "bfloat16":
+            assert rep["skipped"] == zero["skipped"]
+        exact = clip is None  # with clipping the total norm is summed in another order
+        for name in rep["masters"]:
+            a, b = rep["masters"][name], zero["masters"][name]
+            if exact:
+                assert torch.equal(a, b), (r, name, (a - b).abs().max())
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for name in rep["working"]:
+            if exact:
+                assert torch.equal(rep["working"][name], zero["working"][name]), name
+        if exact:  # the inf batch's loss is NaN in both
+            torch.testing.assert_close(torch.tensor(rep["losses"]), torch.tensor(zero["losses"]),
+                                       rtol=0, atol=0, equal_nan=True)
+        assert rep["scale"] == zero["scale"]
+        # to_module gathers the masters (a collective) into a copy of the model
+        for k, v in zero["model"].items():
+            if exact:
+                assert torch.equal(v, rep["model"][k]), k
+        # per-rank FP32 state: the sharded parameters' masters and Adam moments halve (up to
+        # one padding element per bucket); the replicated ones (FP32 uses) stay whole
+        n_sh = sum(rep["masters"][f].numel() for f in zero["sharded"])
+        n_all = sum(t.numel() for t in rep["masters"].values())
+        for s, per in (("master", 4), ("opt", 8)):
+            kept = rep["bytes"][s] - per * n_sh  # the replicated parameters' share
+            shard = zero["bytes"][s] - kept
+            assert per * n_sh / 2 <= shard <= per * (n_sh / 2 + 64), (s, shard, per * n_sh)
+        if example == "mlp":  # every parameter is sharded: the FP32 state halves
+            assert n_sh == n_all
+            ratio = (zero["bytes"]["master"] + zero["bytes"]["opt"]) / (
+                rep["bytes"]["master"] + rep["bytes"]["opt"])
+            assert 0.5 <= ratio <= 0.501, ratio
+        assert zero["bytes"]["working"] == rep["bytes"]["working"]
+    # the ranks agree with each other
+    assert outs[0]["result"][True]["skipped"] == outs[1]["result"][True]["skipped"]
+    torch.testing.assert_close(torch.tensor(outs[0]["result"][True]["losses"]),
+                               torch.tensor(outs[1]["result"][True]["losses"]), rtol=0, atol=0,
+                               equal_nan=True)
+    for name, v in outs[0]["result"][True]["masters"].items():
+        assert torch.equal(v, outs[1]["result"][True]["masters"][name]), name
+
+
+def test_sharding_needs_data_parallel_and_masters():
+    model = EX.build().train()
+    x, y = batch(EX)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TrainStepError, match="one process"):
+        mpcompile.compile_train_step(model, EX.loss, x, y, optimizer=opt,
+                                     shard_optimizer_state=True)
+    with pytest.raises(TrainStepError, match="True or False"):
+        mpcompile.compile_train_step(model, EX.loss, x, y, optimizer=opt,
+                                     shard_optimizer_state="yes")
+
+
+def test_shard_plan_pads_buckets_to_the_world_size():
+    from mpcompile.train.distributed import plan_shards
+
+    dp = DataParallel(None, 1, 2, "gloo", bucket_cap_mb=24 / 2**20)  # 12 FP16 elements
+    sp = plan_shards(dp, {"a": 0, "b": 0, "c": 1}, {"a": (3, 3), "b": (5,), "c": (7,)},
+                     ["a", "b", "c"], F16)
+    assert [(b.group, [s.fqn for s in b.segments], b.padded) for b in sp.buckets] == [
+        (0, ["a"], 10), (0, ["b"], 6), (1, ["c"], 8)]
+    full = {"a": torch.arange(9.).view(3, 3), "b": torch.arange(5.) + 9, "c": torch.arange(7.)}
+    # rank 1 owns the second half of each padded bucket
+    assert sp.shard(0, full).tolist() == [5, 6, 7, 8, 0, 12, 13, 0]
+    assert sp.shard(1, full).tolist() == [4, 5, 6, 0]

@@ -46,7 +46,8 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
                        max_grad_norm: float | None = None,
                        master_weights: bool = True, backend: str = "auto",
                        process_group: Any = None, bucket_cap_mb: float = 25.0,
-                       grad_reduce_dtype: torch.dtype | None = None) -> TrainStep:
+                       grad_reduce_dtype: torch.dtype | None = None,
+                       shard_optimizer_state: bool = False) -> TrainStep:
     """Compile one mixed-precision training step of ``model`` into a single fx graph.
 
     Args:
@@ -88,6 +89,15 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
             statistics stay per rank (no SyncBatchNorm). gloo (CPU) and NCCL (CUDA).
         bucket_cap_mb: the size of the flat buffers the gradients are all-reduced in (DDP's 25).
         grad_reduce_dtype: None (the gradients' dtype, as DDP) or ``torch.float32``.
+        shard_optimizer_state: ZeRO stage 1 (data parallel only). Each rank keeps only its
+            slice of the FP32 masters and optimizer state of every parameter the forward reads
+            only as a low-precision working copy (the others, e.g. FP32 norm weights, stay
+            replicated): the step reduce-scatters those gradients (bucketed, before unscale),
+            updates its slice, and all-gathers the new low-precision working copies. Same
+            results as the replicated step, bit for bit without clipping (with clipping the
+            total norm is summed in another order). The model's own parameters are not
+            updated by a sharded step: ``to_module()`` and ``sync_model()`` (both collective:
+            call them on every rank) gather the masters.
     """
     dp = distributed.resolve(process_group, bucket_cap_mb, grad_reduce_dtype)
     try:
@@ -99,6 +109,7 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
         named = list(model.named_parameters())
         plan = optim.plan_for(optimizer, named)
         policy.check_pins(model)
+        _check_sharding(shard_optimizer_state, dp, master_weights)
     except Exception as e:
         if dp is not None:  # tell the other ranks, which wait for this rank's fingerprint
             distributed.share_failure(dp, e)
@@ -111,7 +122,8 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
             "loss_fn": getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__),
             "max_grad_norm": max_grad_norm, "master_weights": master_weights,
             "backend": backend, "bucket_cap_mb": bucket_cap_mb,
-            "grad_reduce_dtype": grad_reduce_dtype, "world size": dp.world_size}))
+            "grad_reduce_dtype": grad_reduce_dtype, "world size": dp.world_size,
+            "shard_optimizer_state": shard_optimizer_state}))
         distributed.broadcast_model(dp, model)
 
     # the step trains: a model in eval mode is captured as after model.train(); a model already
@@ -129,10 +141,17 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
     mark_forward(fwd.gm)
     has_copy = working(fwd.ctx)
     keep_master = tuple(fqn for fqn, _ in named if master_weights or fqn not in has_copy)
-    layout, values = state_layout.build(model, plan, has_copy, keep_master, policy.dtype, ls)
+    shards = None
+    if shard_optimizer_state:
+        shards = distributed.plan_shards(
+            dp, plan.group_of, {n: tuple(p.shape) for n, p in named},
+            _only_working(fwd.gm, fwd.ctx.inputs, plan.group_of), grad_reduce_dtype or
+            policy.dtype)
+    layout, values = state_layout.build(model, plan, has_copy, keep_master, policy.dtype, ls,
+                                        shards)
     constants = tuple(b.target for b in fwd.ctx.inputs if b.kind is BindingKind.CONST)
     spec = StepSpec(fwd.gm, fwd.ctx.inputs, program.captured, layout, plan, ls, policy.dtype,
-                    max_grad_norm, loss_fn, len(inputs), len(constants), keep_master, dp)
+                    max_grad_norm, loss_fn, len(inputs), len(constants), keep_master, dp, shards)
     dev = values[0].device
     lrs = [torch.tensor(g.lr, dtype=torch.float64, device=dev) for g in plan.groups]
     input_names = (*layout.names, *(f"lr{i}" for i in range(len(lrs))),
@@ -152,9 +171,32 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
         max_grad_norm=max_grad_norm, batch_signature=batch_signature(args, kwargs, targets),
         batch_key=batch_key(args, kwargs, targets),
         input_names=input_names, n_model_inputs=len(inputs), constants=constants,
-        backend=backend, data_parallel=dp)
+        backend=backend, data_parallel=dp, shards=shards)
     lr_source = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
     return TrainStep(model, compiled, values, lr_source)
+
+
+def _check_sharding(shard: bool, dp: distributed.DataParallel | None,
+                    master_weights: bool) -> None:
+    if not isinstance(shard, bool):
+        raise TrainStepError(f"shard_optimizer_state must be True or False, got {shard!r}")
+    if shard and dp is None:
+        raise TrainStepError(
+            "shard_optimizer_state=True shards the FP32 state across data-parallel ranks, but "
+            "this step runs on one process: initialise torch.distributed with 2 or more ranks "
+            "(e.g. torchrun) or pass process_group=")
+    if shard and not master_weights:
+        raise TrainStepError("shard_optimizer_state=True shards the FP32 masters; "
+                             "master_weights=False has none: drop one of the two")
+
+
+def _only_working(gm, bindings, group_of) -> list[str]:
+    """Trainable parameters the forward reads only as their low-precision working copy (their
+    FP32 placeholder has no users): the ones whose FP32 state can be sharded."""
+    has_copy = {b.target for b in bindings if b.kind is BindingKind.WORKING}
+    used32 = {b.target for node, b in zip(gm.graph.find_nodes(op="placeholder"), bindings)
+              if b.kind is BindingKind.PARAM and node.users}
+    return [f for f in group_of if f in has_copy and f not in used32]
 
 
 def _policy(policy: Policy | None, dtype: torch.dtype | None) -> Policy:

@@ -12,6 +12,18 @@
     from_rank0          traced: the new buffers (batch-norm statistics) are rank 0's on every
                         rank, as DDP's broadcast_buffers
 
+Sharded FP32 state (ZeRO stage 1, ``shard_optimizer_state=True``):
+
+    plan_shards         compile time: the parameters the forward reads only as low-precision
+                        working copies, per optimizer group, in flat buckets padded to a multiple
+                        of the world size; rank r owns slice r of every bucket
+    reduce_scatter_gradients   traced: per bucket, the gradients flattened (a parameter used
+                        twice: one flat per use), divided by the world size, one functional
+                        reduce_scatter(sum): this rank's slice of the averaged gradient
+    gather_working      traced: the new low-precision working copies of a group's shard,
+                        all-gathered per bucket and split back into parameters
+    gather_masters      eager, collective: the full FP32 masters (to_module, sync_model)
+
 The collectives are torch's functional collectives (``_c10d_functional.all_reduce`` +
 ``wait_tensor`` in the traced graph), so the step stays one graph that eager and Inductor run.
 
@@ -22,7 +34,7 @@ concatenated batch, and the averaged gradient is its gradient.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,3 +227,211 @@ def from_rank0(dp: DataParallel, t: torch.Tensor) -> torch.Tensor:
     from torch.distributed import _functional_collectives as fc
 
     return fc.broadcast(t, 0, dp.group)
+
+
+# -- sharded FP32 state (ZeRO-1) --------------------------------------------------------------
+
+SHARD_PREFIX = "@shard"  # no parameter FQN holds "@": the state names cannot collide
+
+
+def shard_fqn(group: int) -> str:
+    """The pseudo-FQN of optimizer group ``group``'s shard in state names
+    (``master.@shard.group0``, ``opt.@shard.group0.exp_avg``)."""
+    return f"{SHARD_PREFIX}.group{group}"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One parameter's place in a bucket's flat buffer."""
+
+    fqn: str
+    offset: int  # elements from the bucket's start
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Parameters of one optimizer group flattened together, padded to ``padded`` elements (a
+    multiple of the world size); every rank owns ``padded // world_size`` of them."""
+
+    group: int
+    segments: tuple[Segment, ...]
+    padded: int
+
+    @property
+    def numel(self) -> int:
+        return sum(s.numel for s in self.segments)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which parameters are sharded and how: buckets per optimizer group, in order. This rank's
+    shard of group g is the concatenation of its slices of g's buckets."""
+
+    world_size: int
+    rank: int
+    buckets: tuple[Bucket, ...]
+
+    def __post_init__(self) -> None:
+        for b in self.buckets:
+            if b.padded % self.world_size or b.padded < b.numel:
+                raise TrainStepError(f"bucket of group {b.group} padded to {b.padded} elements "
+                                     f"for {b.numel}: not a multiple of {self.world_size}")
+
+    @property
+    def sharded(self) -> tuple[str, ...]:
+        return tuple(s.fqn for b in self.buckets for s in b.segments)
+
+    @property
+    def groups(self) -> tuple[int, ...]:
+        return tuple(sorted({b.group for b in self.buckets}))
+
+    def of_group(self, group: int) -> tuple[Bucket, ...]:
+        return tuple(b for b in self.buckets if b.group == group)
+
+    def slice_numel(self, bucket: Bucket) -> int:
+        return bucket.padded // self.world_size
+
+    def shard_numel(self, group: int) -> int:
+        return sum(self.slice_numel(b) for b in self.of_group(group))
+
+    def shard(self, group: int, full: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """This rank's FP32 shard of group ``group``, cut from the full tensors (compile time)."""
+        pieces = []
+        for b in self.of_group(group):
+            flat = _flatten(b, {s.fqn: full[s.fqn].detach().to(F32) for s in b.segments}, F32)
+            n = self.slice_numel(b)
+            pieces.append(flat[self.rank * n:(self.rank + 1) * n])
+        return torch.cat(pieces).clone()
+
+
+def plan_shards(dp: DataParallel, group_of: Mapping[str, int],
+                shapes: Mapping[str, tuple[int, ...]], sharded: Sequence[str],
+                grad_dtype: torch.dtype) -> ShardPlan:
+    """Buckets of the ``sharded`` parameters: per optimizer group, in ``group_of``'s order, up to
+    the bucket cap (counted in ``grad_dtype``, the dtype the gradients are reduced in), each
+    padded to a multiple of the world size."""
+    elt = torch.empty((), dtype=grad_dtype).element_size()
+    wanted = set(sharded)
+    buckets: list[Bucket] = []
+    n_groups = max(group_of.values(), default=-1) + 1
+    for g in range(n_groups):
+        fqns = [f for f, gi in group_of.items() if gi == g and f in wanted]
+        for idx in plan_buckets([(_numel(shapes[f]), grad_dtype) for f in fqns],
+                                max(dp.cap_bytes, elt)):
+            segs, off = [], 0
+            for i in idx:
+                segs.append(Segment(fqns[i], off, tuple(shapes[fqns[i]])))
+                off += _numel(shapes[fqns[i]])
+            padded = -(-off // dp.world_size) * dp.world_size
+            buckets.append(Bucket(g, tuple(segs), padded))
+    return ShardPlan(dp.world_size, dp.rank, tuple(buckets))
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _flatten(bucket: Bucket, tensors: Mapping[str, torch.Tensor | None],
+             dtype: torch.dtype) -> torch.Tensor:
+    """The bucket's flat buffer in ``dtype``: each segment's tensor (zeros where None), then
+    zero padding."""
+    like = next(t for t in tensors.values() if t is not None)
+    pieces = [tensors[s.fqn].reshape(-1).to(dtype) if tensors[s.fqn] is not None
+              else like.new_zeros(s.numel, dtype=dtype) for s in bucket.segments]
+    if bucket.padded > bucket.numel:
+        pieces.append(like.new_zeros(bucket.padded - bucket.numel, dtype=dtype))
+    return torch.cat(pieces)
+
+
+def _reduce_scatter(t: torch.Tensor, dp: DataParallel) -> torch.Tensor:
+    from torch.distributed import _functional_collectives as fc
+
+    fn = getattr(fc, "reduce_scatter_single", None) or fc.reduce_scatter_tensor
+    return fn(t, "sum", 0, dp.group)
+
+
+def _all_gather(t: torch.Tensor, dp: DataParallel) -> torch.Tensor:
+    from torch.distributed import _functional_collectives as fc
+
+    fn = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
+    return fn(t, 0, dp.group)
+
+
+def reduce_scatter_gradients(dp: DataParallel, sp: ShardPlan,
+                             grads: Mapping[str, Sequence[torch.Tensor]]
+                             ) -> dict[int, list[list[torch.Tensor]]]:
+    """Per optimizer group, per bucket, this rank's slice of the averaged gradient as parts (in
+    ``reduce_dtype`` or the gradients' own dtype), to be widened to FP32 and summed in order as
+    the replicated step's unscale sums a parameter's parts; a group's shard is its buckets'
+    slices concatenated.
+
+    Each bucket is flattened once per (use, dtype) of its parameters' gradient parts (a
+    parameter read twice has two parts; where a parameter has no such part its segment is
+    zeros, which add exactly), divided by the world size and reduce-scattered: the same
+    arithmetic per element as :func:`average_gradients`, on 1/world_size of the elements."""
+    out: dict[int, list[list[torch.Tensor]]] = {}
+    for b in sp.buckets:
+        parts = {s.fqn: [t if dp.reduce_dtype is None else t.to(dp.reduce_dtype)
+                         for t in grads.get(s.fqn, ())] for s in b.segments}
+        missing = [f for f, ts in parts.items() if not ts]
+        if missing:
+            raise TrainStepError(
+                f"shard_optimizer_state=True: no gradient reaches parameter(s) {missing}; "
+                "freeze them (requires_grad=False) before compiling, or use the replicated "
+                "step (shard_optimizer_state=False), which skips them as torch.optim does")
+        keys = sorted({(k, t.dtype) for ts in parts.values() for k, t in enumerate(ts)},
+                      key=lambda kd: (kd[0], str(kd[1])))
+        sliced = []
+        for k, dtype in keys:
+            flat = _flatten(b, {f: (ts[k] if k < len(ts) and ts[k].dtype == dtype else None)
+                                for f, ts in parts.items()}, dtype)
+            sliced.append(_reduce_scatter(flat / dp.world_size, dp))
+        out.setdefault(b.group, []).append(sliced)
+    return out
+
+
+def gather_working(dp: DataParallel, sp: ShardPlan, group: int, shard: torch.Tensor
+                   ) -> dict[str, torch.Tensor]:
+    """The full tensors of group ``group``'s parameters, from every rank's ``shard`` (the new
+    low-precision working copies): one functional all_gather per bucket, split back."""
+    out, start = {}, 0
+    for b in sp.of_group(group):
+        n = sp.slice_numel(b)
+        full = _all_gather(shard[start:start + n], dp)
+        start += n
+        for s in b.segments:
+            out[s.fqn] = full[s.offset:s.offset + s.numel].view(s.shape)
+    return out
+
+
+def all_reduce_sum(dp: DataParallel, t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks (traced)."""
+    return _all_reduce(t, "sum", dp)
+
+
+def gather_masters(dp: DataParallel, sp: ShardPlan, shards: Mapping[int, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """The full FP32 masters of the sharded parameters, gathered from every rank's shards
+    (eager; a collective: every rank must call it)."""
+    out, offsets = {}, dict.fromkeys(shards, 0)
+    for b in sp.buckets:
+        n = sp.slice_numel(b)
+        mine = shards[b.group][offsets[b.group]:offsets[b.group] + n].contiguous()
+        offsets[b.group] += n
+        full = mine.new_empty(b.padded)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(full, mine, group=dp.group)
+        for s in b.segments:
+            out[s.fqn] = full[s.offset:s.offset + s.numel].view(s.shape).clone()
+    return out

@@ -3,7 +3,10 @@
 The state is one flat list of tensors, the step graph's first inputs and first outputs, in the
 order of :class:`StateLayout`. Names are ``<kind>.<parameter or buffer FQN>[.<slot>]``:
 ``master.fc.weight``, ``working.fc.weight``, ``opt.fc.weight.exp_avg``,
-``buffer.bn.running_mean``, and ``scale``, ``growth_tracker``, ``step``.
+``buffer.bn.running_mean``, and ``scale``, ``growth_tracker``, ``step``. With sharded FP32 state
+(ZeRO-1) the masters and optimizer state of the sharded parameters are one flat tensor per
+optimizer group instead, this rank's slice: ``master.@shard.group0``,
+``opt.@shard.group0.exp_avg`` (see ``distributed.ShardPlan``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 from .. import optim, scaling
 from ..errors import TrainStepError
+from . import distributed
 
 F32 = torch.float32
 
@@ -73,13 +77,17 @@ class StateLayout:
 
 def build(model: torch.nn.Module, plan: optim.Plan, working: Sequence[str],
           keep_master: Sequence[str], low: torch.dtype,
-          loss_scale: scaling.LossScale) -> tuple[StateLayout, list[torch.Tensor]]:
+          loss_scale: scaling.LossScale, shards: distributed.ShardPlan | None = None
+          ) -> tuple[StateLayout, list[torch.Tensor]]:
     """The layout and the initial state: FP32 masters, working copies rounded from them,
     zero optimizer state, the buffers, the initial scale and zero counters.
 
     An FP32 parameter *is* its master (the state tensor shares its storage) and a buffer is
     its own state entry: the step updates them in place, so the model trains as under
-    torch.optim and no second FP32 copy of the weights is held."""
+    torch.optim and no second FP32 copy of the weights is held.
+
+    With ``shards``, the sharded parameters' masters and optimizer state are this rank's flat
+    slices per group (cut from the model's parameters); their working copies stay whole."""
     params = dict(model.named_parameters())
     names: list[str] = []
     values: list[torch.Tensor] = []
@@ -88,13 +96,23 @@ def build(model: torch.nn.Module, plan: optim.Plan, working: Sequence[str],
         names.append(name)
         values.append(value)
 
+    sharded = set(shards.sharded) if shards is not None else set()
     for fqn in keep_master:
-        add(key(StateKind.MASTER, fqn), _shared(params[fqn], F32))
+        if fqn not in sharded:
+            add(key(StateKind.MASTER, fqn), _shared(params[fqn], F32))
+    flat = {g: shards.shard(g, params) for g in shards.groups} if shards is not None else {}
+    for g, t in flat.items():
+        add(key(StateKind.MASTER, distributed.shard_fqn(g)), t)
     for fqn in working:
         add(key(StateKind.WORKING, fqn), params[fqn].detach().to(low).clone())
     for fqn, gi in plan.group_of.items():
+        if fqn in sharded:
+            continue
         for slot, t in optim.init_state(plan.groups[gi], params[fqn]).items():
             add(key(StateKind.OPT, fqn, slot), t)
+    for g, t in flat.items():
+        for slot, z in optim.init_state(plan.groups[g], t).items():
+            add(key(StateKind.OPT, distributed.shard_fqn(g), slot), z)
     for fqn, b in model.named_buffers():
         add(key(StateKind.BUFFER, fqn), _shared(b, b.dtype))
     dev = values[0].device if values else torch.device("cpu")

@@ -53,6 +53,23 @@ def clip(grads: dict[str, torch.Tensor], max_norm: float
     return {k: g * coef for k, g in grads.items()}, norm
 
 
+def squared_norm(grads: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The sum of squares of every element of ``grads`` (FP32 0-dim)."""
+    if not grads:
+        return torch.zeros((), dtype=F32, device=device)
+    return torch.stack([torch.linalg.vector_norm(g, 2) ** 2 for g in grads]).sum()
+
+
+def clip_by(grads: dict[str, torch.Tensor], shards: Sequence[torch.Tensor], max_norm: float,
+            total_sq: torch.Tensor
+            ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """:func:`clip` with the squared total norm given (sharded state: summed over the ranks):
+    (clipped gradients, clipped shards, total norm)."""
+    norm = total_sq.sqrt()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return {k: g * coef for k, g in grads.items()}, [s * coef for s in shards], norm
+
+
 def update(spec: optim.Spec, master: torch.Tensor, grad: torch.Tensor,
            state: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor]
            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

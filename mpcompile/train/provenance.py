@@ -31,6 +31,11 @@ PHASES = {
     "grad_all_reduce": "averages the gradients over the data-parallel ranks: flat buffers by "
                        "dtype, divided by the world size, one functional all_reduce (sum) per "
                        "bucket, before unscale (as DDP + GradScaler)",
+    "grad_reduce_scatter": "sharded FP32 state (ZeRO-1): the gradients of the sharded "
+                           "parameters, flat buckets divided by the world size, one functional "
+                           "reduce_scatter (sum) per bucket: this rank's slice, before unscale",
+    "working_all_gather": "sharded FP32 state (ZeRO-1): every rank's slice of the new "
+                          "low-precision working copies, one functional all_gather per bucket",
     "buffer_broadcast": "the new buffers are rank 0's on every rank (DDP's broadcast_buffers)",
     "unscale": "casts a gradient to FP32 and divides it by S, right after backward",
     "found_inf": "checks every unscaled gradient for inf/NaN (the skip decision, in the graph: "

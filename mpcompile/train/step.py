@@ -22,8 +22,8 @@ from ..explain import explain_node
 from ..policy import Policy
 from ..report import build_report
 from ..signature import Signature, TensorSpec
-from . import checkpoint
-from .distributed import DataParallel
+from . import checkpoint, distributed
+from .distributed import DataParallel, ShardPlan
 from .layout import OUTPUTS, StateKind, StateLayout, key
 from .report import build_train_report
 
@@ -95,6 +95,7 @@ class CompiledStep:
     batch_key: tuple = ()  # batch_key() of the example: what step() compares
     backend: str = "auto"  # the requested execution backend (backends.BACKENDS)
     data_parallel: DataParallel | None = None  # the ranks it averages over; None: one process
+    shards: ShardPlan | None = None  # sharded FP32 state (ZeRO-1); None: replicated
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -143,6 +144,9 @@ class TrainStep:
     data_parallel = property(lambda self: self._compiled.data_parallel,
                              doc="the ranks the step averages gradients over (a "
                                  "DataParallel: group, rank, world_size), or None")
+    shards = property(lambda self: self._compiled.shards,
+                      doc="how the FP32 state is sharded across the ranks (a ShardPlan: "
+                          "buckets per optimizer group), or None when it is replicated")
     input_names = property(lambda self: self._compiled.input_names,
                            doc="one name per graph input: state, lr<i>, input<i>, target<i>")
     output_names = property(lambda self: self._compiled.output_names,
@@ -325,21 +329,51 @@ class TrainStep:
         """One state tensor by name (``layout.names``)."""
         return self._state[self.layout.index(name)]
 
+    def masters(self) -> dict[str, torch.Tensor]:
+        """The FP32 value of every parameter, by FQN: its master (gathered from every rank's
+        shard when the FP32 state is sharded: a collective, call it on every rank), else its
+        working copy widened (``master_weights=False``)."""
+        sp = self._compiled.shards
+        out = {}
+        if sp is not None:
+            shards = {g: self.value(key(StateKind.MASTER, distributed.shard_fqn(g)))
+                      for g in sp.groups}
+            out = distributed.gather_masters(self.data_parallel, sp, shards)
+        for name, _ in self._model.named_parameters():
+            if name in out:
+                continue
+            master = key(StateKind.MASTER, name)
+            work = key(StateKind.WORKING, name)
+            if master in self.layout:
+                out[name] = self.value(master)
+            elif work in self.layout:
+                out[name] = self.value(work).float()
+        return out
+
     def to_module(self) -> torch.nn.Module:
         """A copy of the original model (its class, FP32) holding the current masters and
-        buffers."""
+        buffers. With sharded FP32 state it gathers the masters: call it on every rank."""
         model = copy.deepcopy(self._model)
+        self._write_into(model)
+        return model
+
+    def sync_model(self) -> None:
+        """Write the current masters and buffers into the model the step was compiled from.
+        A replicated step updates the model in place already; a step with sharded FP32 state
+        does not (each rank holds a slice of the masters): this gathers them, so call it on
+        every rank."""
+        self._write_into(self._model)
+
+    def _write_into(self, model: torch.nn.Module) -> None:
+        masters = self.masters()
         with torch.no_grad():
             for name, p in model.named_parameters():
-                master = key(StateKind.MASTER, name)
-                src = self.value(master if master in self.layout
-                                 else key(StateKind.WORKING, name))
-                p.copy_(src.to(p.dtype))
+                if name in masters and masters[name] is not p:
+                    p.copy_(masters[name].to(p.dtype))
             for name, b in model.named_buffers():
                 buf = key(StateKind.BUFFER, name)
                 if buf in self.layout:
                     b.copy_(self.value(buf))
-        return model
 
     # -- inspection ------------------------------------------------------------------------
 

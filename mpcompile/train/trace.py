@@ -49,6 +49,7 @@ class StepSpec:
     n_constants: int  # tensor constants of the model, the step's last inputs
     keep_master: tuple[str, ...]  # parameters with an FP32 master (all, unless the ablation)
     data_parallel: DataParallel | None = None  # None: one process, no collectives
+    shards: distributed.ShardPlan | None = None  # sharded FP32 state (ZeRO-1); needs the above
 
 
 def trace(spec: StepSpec, example: list[torch.Tensor]) -> fx.GraphModule:
@@ -77,16 +78,21 @@ def _step_function(spec: StepSpec) -> Callable:
         inputs, targets = batch[:spec.n_inputs], batch[spec.n_inputs:]
         fp32_of, feed, leaves = _inputs(spec, st, inputs, consts)
         loss, grads, new_buffers = _forward_backward(spec, st, feed, leaves, targets)
-        dp = spec.data_parallel
+        dp, sp = spec.data_parallel, spec.shards
         with torch.no_grad():
+            shard_parts = {}
+            if sp is not None:
+                with phase("grad_reduce_scatter", subject=str(dp)):
+                    shard_parts = distributed.reduce_scatter_gradients(
+                        dp, sp, {f: grads.pop(f) for f in sp.sharded})
             if dp is not None:
                 with phase("grad_all_reduce", subject=str(dp)):
                     grads = distributed.average_gradients(dp, grads)
-            g32, found, norm = _unscale(spec, st, grads)
+            g32, gs, found, norm = _unscale(spec, st, grads, shard_parts)
             if dp is not None:
                 with phase("found_inf", subject=f"all-reduce MAX: {dp}"):
                     found = distributed.agree_found_inf(dp, found)
-            new, step_now = _update(spec, st, lrs, g32, found, fp32_of)
+            new, step_now = _update(spec, st, lrs, g32, gs, found, fp32_of)
             with phase("gate", subject="buffers and step count"):
                 for fqn, v in new_buffers.items():
                     name = key(StateKind.BUFFER, fqn)
@@ -125,7 +131,11 @@ def _inputs(spec: StepSpec, st: dict, inputs: tuple, consts: tuple):
             return t
 
         params = {b.target for b in spec.bindings if b.kind is BindingKind.PARAM}
-        fp32_of = {fqn: (st[key(StateKind.MASTER, fqn)] if fqn in spec.keep_master
+        sharded = set(spec.shards.sharded) if spec.shards is not None else set()
+        # a sharded parameter's FP32 placeholder has no users (that is why it could be
+        # sharded): it is fed its working copy, never read
+        fp32_of = {fqn: (st[key(StateKind.WORKING, fqn)] if fqn in sharded
+                         else st[key(StateKind.MASTER, fqn)] if fqn in spec.keep_master
                          else st[key(StateKind.WORKING, fqn)].to(F32)) for fqn in params}
         feed, next_const = [], iter(consts)
         for b in spec.bindings:
@@ -201,10 +211,12 @@ def _check_scalar(loss: Any) -> None:
             f"loss_fn must return a scalar tensor, got {shape}: reduce it (e.g. .mean())")
 
 
-def _unscale(spec: StepSpec, st: dict, grads: dict):
-    """(unscaled FP32 gradient per parameter, found_inf, total norm or None)."""
+def _unscale(spec: StepSpec, st: dict, grads: dict, shard_parts: dict):
+    """(unscaled FP32 gradient per parameter, unscaled FP32 gradient shard per sharded group,
+    found_inf, total norm or None)."""
     scaled = spec.loss_scale is not None
     g32: dict[str, torch.Tensor] = {}
+    gs: dict[int, torch.Tensor] = {}
     with phase("unscale"):
         inv = phases.inverse_scale(st["scale"]) if scaled else None
         for fqn, parts in grads.items():
@@ -212,18 +224,30 @@ def _unscale(spec: StepSpec, st: dict, grads: dict):
                 continue  # no gradient reaches it: frozen, as torch.optim skips it
             with phase("unscale", subject=fqn):
                 g32[fqn] = phases.unscale(parts, inv)
+        for g, per_bucket in shard_parts.items():
+            with phase("unscale", subject=f"param group {g}: this rank's shard"):
+                gs[g] = torch.cat([phases.unscale(parts, inv) for parts in per_bucket])
     with phase("found_inf"):
-        found = phases.found_inf(list(g32.values()), st["scale"].device)
+        found = phases.found_inf([*g32.values(), *gs.values()], st["scale"].device)
     norm = None
-    if spec.max_grad_norm is not None and g32:
+    if spec.max_grad_norm is not None and (g32 or gs):
         with phase("clip"):
-            g32, norm = phases.clip(g32, spec.max_grad_norm)
-    return g32, found, norm
+            if gs:  # the norm over every rank's shard plus the replicated gradients
+                shard_sq = distributed.all_reduce_sum(spec.data_parallel, phases.squared_norm(
+                    list(gs.values()), st["scale"].device))
+                g32, gs_list, norm = phases.clip_by(
+                    g32, list(gs.values()), spec.max_grad_norm,
+                    phases.squared_norm(list(g32.values()), st["scale"].device) + shard_sq)
+                gs = dict(zip(gs, gs_list))
+            else:
+                g32, norm = phases.clip(g32, spec.max_grad_norm)
+    return g32, gs, found, norm
 
 
-def _update(spec: StepSpec, st: dict, lrs: tuple, g32: dict, found, fp32_of: dict):
-    """(the new state: optimizer updates on the masters, gated, and their working copies;
-    the step count including this step, ungated)."""
+def _update(spec: StepSpec, st: dict, lrs: tuple, g32: dict, gs: dict, found, fp32_of: dict):
+    """(the new state: optimizer updates on the masters (whole, and this rank's shards), gated,
+    and their working copies (the shards' all-gathered); the step count including this step,
+    ungated)."""
     plan = spec.plan
     with phase("update", subject="step count"):
         step_now = st["step"] + 1
@@ -249,4 +273,21 @@ def _update(spec: StepSpec, st: dict, lrs: tuple, g32: dict, found, fp32_of: dic
         if fqn in working or fqn not in spec.keep_master:
             with phase("working_copy", subject=fqn):
                 new[key(StateKind.WORKING, fqn)] = phases.working_copy(p_new, spec.low)
+    for g, grad in gs.items():
+        name, opt = distributed.shard_fqn(g), plan.groups[g]
+        slots = {s: key(StateKind.OPT, name, s) for s in opt.state_names}
+        master = key(StateKind.MASTER, name)
+        with phase("update", subject=f"param group {g}: this rank's shard", spec=repr(opt)):
+            p_new, s_new = phases.update(opt, st[master], grad,
+                                         {s: st[k] for s, k in slots.items()}, scalars[g])
+        with phase("gate", subject=f"param group {g}: this rank's shard"):
+            new[master] = phases.gate(found, st[master], p_new)
+            for s, v in s_new.items():
+                new[slots[s]] = phases.gate(found, st[slots[s]], v)
+        with phase("working_copy", subject=f"param group {g}: this rank's shard"):
+            low = phases.working_copy(new[master], spec.low)
+        with phase("working_all_gather", subject=f"param group {g}, {spec.data_parallel}"):
+            for fqn, t in distributed.gather_working(spec.data_parallel, spec.shards, g,
+                                                     low).items():
+                new[key(StateKind.WORKING, fqn)] = t
     return new, step_now
