@@ -19,6 +19,7 @@ from .errors import (
     TrainStepError,
     UnknownNodeError,
 )
+from .numerics import NumericsProfile, Overflow, localize_overflow, profile
 from .policy import DEFAULT_TABLE, Entry, OpClass, Policy
 from .report import Report
 from .scaling import DynamicLossScale
@@ -51,8 +52,10 @@ __all__ = [
     "KernelError",
     "MPCompileError",
     "MixedPrecisionModule",
+    "NumericsProfile",
     "OpClass",
     "OrtTrainer",
+    "Overflow",
     "PassError",
     "Policy",
     "PolicyError",
@@ -68,5 +71,7 @@ __all__ = [
     "convert",
     "export_graph",
     "export_onnx",
+    "localize_overflow",
     "optim",
+    "profile",
 ]
