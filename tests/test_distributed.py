@@ -14,6 +14,7 @@ rounds the 32-row gradient once: so the trajectories agree within a few u, not b
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import time
 
@@ -196,6 +197,49 @@ def _zero(rank: int, example: str, dtype_name: str, backend: str, clip):
                                    if "_c10d_functional" in str(n.target)}),
         }
     return runs
+
+
+def _adam_step(rank: int, shard: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    model = EX.build().train()
+    x, y = _rank_batch(rank, 0)
+    return mpcompile.compile_train_step(
+        model, EX.loss, x, y, dtype=F16, backend="eager", shard_optimizer_state=shard,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), bucket_cap_mb=0.05)
+
+
+def _ckpt_straight(rank: int, folder: str, shard: bool):
+    """10 steps, saving after the 5th (saving changes nothing)."""
+    step = _adam_step(rank, shard)
+    losses = []
+    for i in range(STEPS):
+        losses.append(step.step(*_rank_batch(rank, i)).loss.item())
+        if i == 4:
+            step.save(folder)
+            at_save = {k: v.clone() for k, v in step.masters().items()}
+    return {"losses": losses[5:], "masters": step.masters(), "state": step.state_dict(),
+            "at_save": at_save}
+
+
+def _ckpt_resume(rank: int, folder: str, shard: bool):
+    """A new pair of processes, another start (seed 1): load, then steps 6-10."""
+    step = _adam_step(rank, shard, seed=1)
+    step.load(folder)
+    losses = [step.step(*_rank_batch(rank, i)).loss.item() for i in range(5, STEPS)]
+    return {"losses": losses, "masters": step.masters(), "state": step.state_dict()}
+
+
+def _ckpt_refused(rank: int, folder: str, shard: bool):
+    """Loading a damaged folder: every rank raises, no rank's state changes."""
+    step = _adam_step(rank, shard, seed=1)
+    before = {k: v.clone() for k, v in step.state_dict().items() if torch.is_tensor(v)}
+    try:
+        step.load(folder)
+        error = None
+    except mpcompile.CheckpointError as e:
+        error = str(e)
+    after = step.state_dict()
+    return {"error": error, "unchanged": all(torch.equal(v, after[k]) for k, v in before.items())}
 
 
 # -- the parent side ----------------------------------------------------------------------------
@@ -446,3 +490,50 @@ def test_shard_plan_pads_buckets_to_the_world_size():
     # rank 1 owns the second half of each padded bucket
     assert sp.shard(0, full).tolist() == [5, 6, 7, 8, 0, 12, 13, 0]
     assert sp.shard(1, full).tolist() == [4, 5, 6, 0]
+
+
+@pytest.mark.parametrize("shard", [True, False])
+def test_checkpoint_at_step_5_resumes_bit_exactly_in_new_processes(tmp_path, shard):
+    folder = str(tmp_path / "ckpt")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = _spawn(tmp_path / "a", "_ckpt_straight", folder, shard)
+    assert [o.get("error") for o in straight] == [None, None]
+    manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["sharded"] is shard
+    assert manifest["files"] == ["rank0.mpc", "rank1.mpc"] and manifest["step"] == 5
+    resumed = _spawn(tmp_path / "b", "_ckpt_resume", folder, shard)
+    assert [o.get("error") for o in resumed] == [None, None]
+    for r in (0, 1):
+        a, b = straight[r]["result"], resumed[r]["result"]
+        assert a["losses"] == b["losses"]
+        for k, v in a["state"].items():
+            if torch.is_tensor(v):
+                assert torch.equal(v, b["state"][k]), (r, k)
+        for k, v in a["masters"].items():
+            assert torch.equal(v, b["masters"][k]), (r, k)
+    # another world size: one process
+    one = _adam_step(0, False, seed=1)
+    if shard:
+        with pytest.raises(mpcompile.CheckpointError, match="written by 2 ranks with sharded"):
+            one.load(folder)
+    else:  # replicated: every rank's file holds the same state, one process resumes from it
+        one.load(folder)
+        for k, v in straight[0]["result"]["at_save"].items():
+            assert torch.equal(one.masters()[k], v), k
+
+
+def test_a_damaged_rank_file_refuses_the_load_on_every_rank(tmp_path):
+    folder = tmp_path / "ckpt"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    outs = _spawn(tmp_path / "a", "_ckpt_straight", str(folder), True)
+    assert [o.get("error") for o in outs] == [None, None]
+    data = bytearray((folder / "rank1.mpc").read_bytes())
+    data[-10] ^= 0xFF
+    (folder / "rank1.mpc").write_bytes(bytes(data))
+    outs = _spawn(tmp_path / "b", "_ckpt_refused", str(folder), True)
+    for r in (0, 1):
+        res = outs[r]["result"]
+        assert res["unchanged"], r
+        assert "rank 1:" in res["error"] and "corrupted" in res["error"], res["error"]

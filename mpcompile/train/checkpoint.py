@@ -41,6 +41,7 @@ import torch
 from ..dtypes import dtype_name
 from ..errors import CheckpointError, TrainStepError
 from ..fileio import replacing
+from . import distributed
 from .layout import StateKind, StateLayout
 
 if TYPE_CHECKING:
@@ -175,6 +176,15 @@ def _write_atomic(path: Path, chunks: tuple) -> None:
     except OSError as e:
         raise CheckpointError(f"checkpoint {str(path)!r} not written ({e.strerror or e}); "
                               "the file at that path, if any, is unchanged") from e
+
+
+def header_digest(path: Path) -> str:
+    """The payload sha256 a checkpoint's header line states (what a manifest records)."""
+    with open(path, "rb") as f:
+        m = _HEADER.fullmatch(f.readline(_MAX_HEADER).rstrip(b"\n"))
+    if m is None:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no valid header line")
+    return m[2].decode()
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -318,7 +328,14 @@ def load(step: TrainStep, path: str | os.PathLike) -> None:
     the learning rates (written back into the torch optimizer the step reads them from, so an LR
     scheduler continues from them; else set as the override). Everything is checked first; on
     any fault a CheckpointError names the file and the step is unchanged."""
-    obj = read(path)
+    prepare(step, path)()
+
+
+def prepare(step: TrainStep, path: str | os.PathLike, obj: dict[str, Any] | None = None):
+    """Check the checkpoint at ``path`` (or its already-read payload ``obj``) against ``step``
+    as :func:`load` does; return the function that loads it (nothing changes before)."""
+    if obj is None:
+        obj = read(path)
     ours = identity(step)
     if obj["fingerprint"] != fingerprint(ours):
         raise CheckpointError(
@@ -341,10 +358,146 @@ def load(step: TrainStep, path: str | os.PathLike) -> None:
     state: dict[str, Any] = dict(obj["state"])
     state["lr_override"] = override
     try:
-        step.load_state_dict(state)  # checks every entry, then assigns
+        assign = step._checked(state)  # checks every entry; assigns when called
     except TrainStepError as e:
         raise CheckpointError(f"checkpoint {str(Path(path))!r} holds a state this step "
                               f"refuses: {e}") from e
-    if write is not None:
-        for g, lr in zip(src.param_groups, write):
-            g["lr"] = float(lr)
+
+    def apply() -> None:
+        assign()
+        if write is not None:
+            for g, lr in zip(src.param_groups, write):
+                g["lr"] = float(lr)
+
+    return apply
+
+
+# -- data-parallel checkpoints -----------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+DP_FORMAT = "mpcompile.DataParallelCheckpoint"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.mpc"
+
+
+def is_distributed(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a data-parallel checkpoint folder (it holds a manifest)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _agree(step: TrainStep, why: str | None, what: str) -> None:
+    """Raise the same CheckpointError on every rank when any rank failed (``why``: this rank's
+    fault, or None), naming each rank's fault."""
+    dp = step.data_parallel
+    outcomes = [why] if dp is None else distributed.gather_objects(dp, why)
+    failed = [(r, w) for r, w in enumerate(outcomes) if w is not None]
+    if failed:
+        raise CheckpointError(f"{what}: " + "; ".join(
+            (f"rank {r}: {w}" if dp is not None else w) for r, w in failed))
+
+
+def save_distributed(step: TrainStep, folder: str | os.PathLike) -> Path:
+    """Every rank's file, then rank 0's manifest naming them with their checksums (see
+    ``TrainStep.save``). The manifest is replaced last, atomically. A save cut off between the
+    two leaves the previous manifest, whose checksums refuse the new files: the folder does
+    not load (it never loads a mix of two saves). Save each checkpoint into a new folder to
+    keep the previous one through a crash."""
+    dp, folder = step.data_parallel, Path(folder)
+    why, digest = None, None
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise CheckpointError(f"{str(folder)!r} is a file; a data-parallel step saves into "
+                                  "a folder (one file per rank and a manifest)")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = save(step, folder / rank_file(dp.rank))
+        digest = header_digest(path)
+    except (CheckpointError, OSError) as e:
+        why = str(e)
+    gathered = distributed.gather_objects(dp, (why, digest))
+    failed = [(r, w) for r, (w, _) in enumerate(gathered) if w is not None]
+    if failed:
+        raise CheckpointError(f"checkpoint {str(folder)!r} not saved (its manifest was not "
+                              "replaced): " + "; ".join(f"rank {r}: {w}" for r, w in failed))
+    digests = [d for _, d in gathered]
+    why = None
+    if dp.rank == 0:
+        manifest = {"format": DP_FORMAT, "version": VERSION, "world_size": dp.world_size,
+                    "sharded": step.shards is not None, "backend": dp.backend,
+                    "files": [rank_file(r) for r in range(dp.world_size)],
+                    "sha256": digests, "step": int(step.value("step"))}
+        try:
+            _write_atomic(folder / MANIFEST, (json.dumps(manifest, indent=1).encode(),))
+        except CheckpointError as e:
+            why = str(e)
+    _agree(step, why, f"checkpoint {str(folder)!r} not saved")
+    return folder
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a data-parallel checkpoint folder, checked for structure."""
+    where = f"checkpoint {str(folder)!r}"
+    try:
+        m = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{where} has no {MANIFEST}: not a data-parallel checkpoint "
+                              "folder (or its save did not finish)") from e
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{where}: its {MANIFEST} cannot be read ({e})") from e
+    ok = (isinstance(m, dict) and m.get("format") == DP_FORMAT
+          and m.get("version") == VERSION and isinstance(m.get("world_size"), int)
+          and m["world_size"] >= 1 and isinstance(m.get("sharded"), bool)
+          and m.get("files") == [rank_file(r) for r in range(m["world_size"])]
+          and isinstance(m.get("sha256"), list) and len(m["sha256"]) == m["world_size"])
+    if not ok:
+        raise CheckpointError(f"{where}: its {MANIFEST} is not a valid manifest of format "
+                              f"{DP_FORMAT} version {VERSION}")
+    return m
+
+
+def _which_file(step: TrainStep, folder: Path, m: dict[str, Any]) -> tuple[Path, int]:
+    """The file this rank loads from the folder, and its index in the manifest."""
+    dp = step.data_parallel
+    world, rank = (dp.world_size, dp.rank) if dp is not None else (1, 0)
+    here = f"{world} rank{'s' * (world > 1)}" if dp is not None else "one process"
+    if m["sharded"]:
+        if step.shards is None or m["world_size"] != world:
+            raise CheckpointError(
+                f"checkpoint {str(folder)!r} was written by {m['world_size']} ranks with "
+                "sharded FP32 state (shard_optimizer_state=True): each file holds one rank's "
+                f"slice, so it loads only into a sharded step on {m['world_size']} ranks, not "
+                f"{'a replicated step' if step.shards is None else here}. Resume on "
+                f"{m['world_size']} ranks, then save from a replicated step to change the "
+                "world size")
+        return folder / rank_file(rank), rank
+    if step.shards is not None:
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r} holds replicated state; this step shards its FP32 "
+            "state (shard_optimizer_state=True): load it into a replicated step")
+    # replicated: every rank's file holds the same state; read your own when there is one
+    i = rank if rank < m["world_size"] else 0
+    return folder / rank_file(i), i
+
+
+def load_distributed(step: TrainStep, path: str | os.PathLike) -> None:
+    """Load a data-parallel checkpoint folder (or, into a data-parallel step, a single-process
+    file: replicated state only), checked on every rank before any rank changes."""
+    path = Path(path)
+    apply, why = None, None
+    try:
+        if (path / MANIFEST).is_file() or path.is_dir():
+            m = read_manifest(path)
+            file, i = _which_file(step, path, m)
+            obj = read(file)
+            if header_digest(file) != m["sha256"][i]:
+                raise CheckpointError(
+                    f"checkpoint {str(file)!r} is not the file its manifest names (another "
+                    "save's, or a save cut off before its manifest): its checksum differs")
+            apply = prepare(step, file, obj)
+        else:
+            apply = prepare(step, path)
+    except CheckpointError as e:
+        why = str(e)
+    _agree(step, why, "checkpoint not loaded, no rank changed")
+    apply()

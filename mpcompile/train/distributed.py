@@ -135,7 +135,7 @@ def check_same(dp: DataParallel, prints: dict[str, str]) -> None:
     """All-gather every rank's fingerprint; a difference, or a rank whose arguments were
     refused (:func:`share_failure`), raises the same TrainStepError on every rank (each sees
     all of them), so no rank goes on to wait in a collective alone."""
-    gathered = _gather(dp, (prints, None))
+    gathered = gather_objects(dp, (prints, None))
     failed = [(r, why) for r, (_, why) in enumerate(gathered) if why is not None]
     if failed:
         raise TrainStepError(
@@ -153,10 +153,11 @@ def check_same(dp: DataParallel, prints: dict[str, str]) -> None:
 def share_failure(dp: DataParallel, error: BaseException) -> None:
     """This rank's compile arguments were refused: take part in :func:`check_same`'s
     all-gather with the error instead of a fingerprint (the caller then raises it)."""
-    _gather(dp, (None, f"{type(error).__name__}: {error}"))
+    gather_objects(dp, (None, f"{type(error).__name__}: {error}"))
 
 
-def _gather(dp: DataParallel, obj: Any) -> list[Any]:
+def gather_objects(dp: DataParallel, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order (eager all_gather_object)."""
     gathered: list[Any] = [None] * dp.world_size
     dist.all_gather_object(gathered, obj, group=dp.group)
     return gathered

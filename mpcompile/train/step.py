@@ -276,6 +276,11 @@ class TrainStep:
         """Load what :meth:`state_dict` returned; every entry is checked before anything
         changes: names, shapes and dtypes, finite masters, working copies and optimizer state,
         a finite positive loss scale, non-negative counters."""
+        self._checked(state)()
+
+    def _checked(self, state: dict[str, Any]):
+        """Check ``state`` as :meth:`load_state_dict` does; return the function that loads it
+        (nothing changes until it is called)."""
         names, aliases = self.layout.names, self.aliases()
         missing = [k for k in names if k not in state]
         extra = [k for k in state if k not in names and k not in aliases and k != "lr_override"]
@@ -308,22 +313,42 @@ class TrainStep:
             if why:
                 raise TrainStepError(f"load_state_dict: {why}; nothing was changed")
             new.append(t)
-        with torch.no_grad():  # checked: now copy in place (the state may be the model's own)
-            for cur, t in zip(self._state, new):
-                cur.copy_(t)
-        self._lr_override = None if lr is None else [float(x) for x in lr]
+
+        def apply() -> None:
+            with torch.no_grad():  # checked: now copy in place (the state may be the model's)
+                for cur, t in zip(self._state, new):
+                    cur.copy_(t)
+            self._lr_override = None if lr is None else [float(x) for x in lr]
+
+        return apply
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a checkpoint to ``path`` atomically (a crash never loses the previous one):
         the state, the ``set_lr`` override and the learning rates in use, checksummed. Returns
-        the path. See :mod:`mpcompile.train.checkpoint`."""
+        the path. See :mod:`mpcompile.train.checkpoint`.
+
+        A data-parallel step writes a folder: one file per rank (``rank<r>.mpc``, its own state:
+        its shard with ``shard_optimizer_state``) and ``manifest.json`` (world size, sharding,
+        each file's checksum), written by rank 0 once every rank's file is on disk. A
+        collective: call it on every rank; a failure on any rank raises on all of them."""
+        if self.data_parallel is not None:
+            return checkpoint.save_distributed(self, path)
         return checkpoint.save(self, path)
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore what :meth:`save` wrote, learning rates included (into the torch optimizer
         the step reads them from); a damaged file or another model's raises
-        :class:`~mpcompile.CheckpointError` and leaves the step unchanged."""
-        checkpoint.load(self, path)
+        :class:`~mpcompile.CheckpointError` and leaves the step unchanged.
+
+        A data-parallel checkpoint folder loads on the same number of ranks; a replicated one
+        (every rank's state is the same) also on another number of ranks or on one process;
+        a sharded one only on the world size that wrote it (else CheckpointError). A data-
+        parallel step loads collectively: every rank checks its file first, and unless all
+        pass, every rank raises and none changes."""
+        if self.data_parallel is not None or checkpoint.is_distributed(path):
+            checkpoint.load_distributed(self, path)
+        else:
+            checkpoint.load(self, path)
 
     def value(self, name: str) -> torch.Tensor:
         """One state tensor by name (``layout.names``)."""
