@@ -1,12 +1,15 @@
-"""Data-parallel step time on CPU (gloo): the same MLP step on 1 process and on 2 ranks, each
-process on one thread, so the difference is the in-graph gradient all-reduce (and the found-inf
-MAX and loss mean) rather than a change in threads per matmul.
+"""Data-parallel step time and per-rank state on CPU (gloo): the same MLP step on 1 process, on
+2 ranks (replicated FP32 state) and on 2 ranks with sharded FP32 state (ZeRO-1,
+``shard_optimizer_state=True``), each process on one thread, so the difference is the in-graph
+communication rather than a change in threads per matmul.
 
     python benchmarks/distributed_speed.py [--steps 10] [--rows 64] [--backend auto]
+                                           [--optimizer sgd|adam]
 
 Prints a Markdown table: per-rank step time (median of ``--steps`` after 3 warm-up steps), rows
-per second over all ranks, the gradient elements all-reduced per step, and the ratio 2 ranks /
-1 rank. A 2-core machine runs both ranks at once, one per core.
+per second over all ranks, the collectives per step, the bytes of the step's state on one rank
+by kind (FP32 masters, FP32 optimizer state, low-precision working copies), and the ratios to
+1 process. A 2-core machine runs both ranks at once, one per core.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ def build() -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def run(rank: int, world: int, store: str, args: argparse.Namespace, out: str) -> None:
+def run(rank: int, world: int, store: str, args: argparse.Namespace, out: str,
+        shard: bool = False) -> None:
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
@@ -52,10 +56,15 @@ def run(rank: int, world: int, store: str, args: argparse.Namespace, out: str) -
         g = torch.Generator().manual_seed(rank)
         x = torch.randn(args.rows, SIZES[0], generator=g)
         y = torch.randint(0, SIZES[-1], (args.rows,), generator=g)
+        opt = (torch.optim.Adam(model.parameters(), lr=1e-4) if args.optimizer == "adam"
+               else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
         step = mpcompile.compile_train_step(
-            model, nn.functional.cross_entropy, x, y, dtype=torch.bfloat16,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
-            backend=args.backend)
+            model, nn.functional.cross_entropy, x, y, dtype=torch.bfloat16, optimizer=opt,
+            backend=args.backend, shard_optimizer_state=shard)
+        state: dict[str, int] = {}
+        for name, t in zip(step.layout.names, step.state):
+            kind = str(step.layout.kind(name))
+            state[kind] = state.get(kind, 0) + t.numel() * t.element_size()
         t0 = time.perf_counter()
         step.step(x, y)  # compiles
         compile_s = time.perf_counter() - t0
@@ -71,14 +80,15 @@ def run(rank: int, world: int, store: str, args: argparse.Namespace, out: str) -
         if rank == 0:
             Path(out).write_text(json.dumps({
                 "world": world, "median_s": statistics.median(times), "compile_s": compile_s,
-                "grad_elems": grad_elems, "execution": str(step.execution),
+                "grad_elems": grad_elems, "execution": str(step.execution), "state": state,
+                "shard": shard,
                 "data_parallel": str(step.data_parallel)}))
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def measure(world: int, args: argparse.Namespace) -> dict:
+def measure(world: int, args: argparse.Namespace, shard: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out, store = os.path.join(d, "result.json"), os.path.join(d, "store")
         if world == 1:
@@ -89,7 +99,7 @@ def measure(world: int, args: argparse.Namespace) -> dict:
             if p.exitcode:
                 raise SystemExit(f"the 1-process run failed (exit {p.exitcode})")
         else:
-            tmp.start_processes(run, args=(world, store, args, out), nprocs=world,
+            tmp.start_processes(run, args=(world, store, args, out, shard), nprocs=world,
                                 start_method="spawn")
         return json.loads(Path(out).read_text())
 
@@ -99,23 +109,42 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rows", type=int, default=64, help="batch rows per rank")
     ap.add_argument("--backend", default="auto", help="mpcompile backend: auto, inductor, eager")
+    ap.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     args = ap.parse_args()
-    one, two = measure(1, args), measure(2, args)
+    runs = [measure(1, args), measure(2, args), measure(2, args, shard=True)]
+    one = runs[0]
     millions = one["grad_elems"] / 1e6
-    print(f"MLP {'→'.join(map(str, SIZES))}, BF16, SGD momentum, {args.rows} rows per rank, "
+    opt = "Adam" if args.optimizer == "adam" else "SGD momentum"
+    print(f"MLP {'→'.join(map(str, SIZES))}, BF16, {opt}, {args.rows} rows per rank, "
           f"1 thread per process, {one['execution']}\n")
-    print("| processes | step time per rank | rows/s (all ranks) | gradients all-reduced | "
-          "compile |")
-    print("|---|---:|---:|---:|---:|")
-    for r in (one, two):
+    print("| processes | FP32 state | step time per rank | rows/s (all ranks) | collectives | "
+          "masters / rank | optimizer state / rank | working copies / rank | compile |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|")
+    mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+    for r in runs:
         rows_s = r["world"] * args.rows / r["median_s"]
-        reduced = f"{millions:.1f} M elements" if r["world"] > 1 else "none"
-        print(f"| {r['world']} | {1000 * r['median_s']:.1f} ms | {rows_s:.0f} | {reduced} | "
-              f"{r['compile_s']:.1f} s |")
-    print(f"\n2 ranks / 1 process: step time {two['median_s'] / one['median_s']:.2f}x, "
-          f"throughput {2 * one['median_s'] / two['median_s']:.2f}x "
-          f"({two['data_parallel']})")
-
+        comm = ("none" if r["world"] == 1 else
+                f"reduce-scatter + all-gather of {millions:.1f} M elements" if r["shard"]
+                else f"all-reduce of {millions:.1f} M elements")
+        st = r["state"]
+        print(f"| {r['world']} | {'sharded' if r['shard'] else 'replicated'} | "
+              f"{1000 * r['median_s']:.1f} ms | {rows_s:.0f} | {comm} | "
+              f"{mib(st.get('master', 0))} | {mib(st.get('opt', 0))} | "
+              f"{mib(st.get('working', 0))} | {r['compile_s']:.1f} s |")
+    two, zero = runs[1], runs[2]
+    fp32 = lambda r: r["state"].get("master", 0) + r["state"].get("opt", 0)  # noqa: E731
+    print(f"\n2 ranks / 1 process: step time {two['median_s'] / one['median_s']:.2f}x "
+          f"replicated, {zero['median_s'] / one['median_s']:.2f}x sharded; throughput "
+          f"{2 * one['median_s'] / two['median_s']:.2f}x / "
+          f"{2 * one['median_s'] / zero['median_s']:.2f}x ({two['data_parallel']})")
+    model = 4 * one["grad_elems"]
+    total = lambda r: sum(r["state"].values()) + (model if r["shard"] else 0)  # noqa: E731
+    print(f"FP32 state (masters + optimizer state) per rank, sharded / replicated: "
+          f"{fp32(zero) / fp32(two):.3f}. With the model's own FP32 parameters "
+          f"({mib(model)}: the replicated step's masters; beside a sharded step they stay "
+          "allocated, as the step keeps the model for to_module and sync_model), per rank: "
+          f"{mib(total(two))} replicated, {mib(total(zero))} sharded "
+          f"({total(zero) / total(two):.2f}x)")
 
 if __name__ == "__main__":
     main()
