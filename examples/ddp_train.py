@@ -2,11 +2,14 @@
 
     torchrun --nproc-per-node 2 examples/ddp_train.py            # CPU, gloo
     torchrun --nproc-per-node 2 examples/ddp_train.py --cuda     # one GPU per rank, NCCL
+    torchrun --nproc-per-node 2 examples/ddp_train.py --shard --save ckpt   # ZeRO-1, checkpoint
 
 Each rank draws its own synthetic batches (a fixed random teacher MLP labels them). The step
 averages the gradients over the ranks inside its graph (bucketed functional all-reduce, before
 unscale), skips on every rank when any rank's gradients overflow, and reports the loss averaged
-over the ranks; at the end every rank holds the same weights (checked below).
+over the ranks; at the end every rank holds the same weights (checked below). ``--shard`` keeps
+each rank's slice of the FP32 masters and optimizer state only (ZeRO-1); ``--save DIR`` writes a
+checkpoint folder at the end (one file per rank + a manifest), ``--resume DIR`` starts from one.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
     ap.add_argument("--cuda", action="store_true", help="NCCL, one GPU per rank")
     ap.add_argument("--backend", default="auto", help="mpcompile backend: auto, inductor, eager")
+    ap.add_argument("--shard", action="store_true",
+                    help="shard the FP32 masters and optimizer state across ranks (ZeRO-1)")
+    ap.add_argument("--save", metavar="DIR", help="write a checkpoint folder at the end")
+    ap.add_argument("--resume", metavar="DIR", help="load a checkpoint folder first")
     a = ap.parse_args()
 
     if a.cuda:
@@ -51,9 +58,14 @@ def main() -> None:
         x, y = synthetic_batch(0, rank, a.rows, device)
         step = mpcompile.compile_train_step(
             model, torch.nn.functional.cross_entropy, x, y, optimizer=opt,
-            dtype=getattr(torch, a.dtype), backend=a.backend)  # process_group: the default
+            dtype=getattr(torch, a.dtype), backend=a.backend,  # process_group: the default
+            shard_optimizer_state=a.shard)
+        if a.resume:
+            step.load(a.resume)  # every rank: its own file (its shard with --shard)
         if rank == 0:
-            print(f"rank 0: {step.data_parallel}")
+            state = sum(t.numel() * t.element_size() for t in step.state)
+            print(f"rank 0: {step.data_parallel}, FP32 state "
+                  f"{'sharded' if step.shards else 'replicated'}, {state} bytes of state here")
         for i in range(a.steps):
             r = step.step(*synthetic_batch(i, rank, a.rows, device))
             if rank == 0 and (i % 10 == 0 or i == a.steps - 1):
@@ -61,8 +73,13 @@ def main() -> None:
                       f"scale {r.loss_scale.item():g}  skipped {bool(r.skipped)}")
         if rank == 0:
             print(f"the step ran on {step.execution}")
-        # every rank holds the same masters: compare a checksum
-        total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+        if a.save:
+            step.save(a.save)
+            if rank == 0:
+                print(f"checkpoint written to {a.save}/ (manifest.json + one file per rank)")
+        # every rank holds the same masters (gathered from the shards with --shard): a checksum
+        masters = step.masters()  # collective with --shard
+        total = torch.stack([t.double().sum() for t in masters.values()]).sum()
         sums = [torch.zeros_like(total) for _ in range(world)]
         dist.all_gather(sums, total)
         if rank == 0:

@@ -176,8 +176,8 @@ def _zero(rank: int, example: str, dtype_name: str, backend: str, clip):
         step = mpcompile.compile_train_step(
             model, ex.loss, x, y, dtype=dtype, backend=backend, max_grad_norm=clip,
             optimizer=torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.01),
-            shard_optimizer_state=shard, bucket_cap_mb=0.05)
-        losses, skipped = [], []
+            shard_optimizer_state=shard, bucket_cap_mb=0.05, grad_stats=True)
+        losses, skipped, counts = [], [], []
         for i in range(STEPS):
             x, y = batch(ex, seed=100 * i + rank)
             if i == 4 and rank == 1 and x[0].is_floating_point():  # (not token ids)
@@ -186,7 +186,8 @@ def _zero(rank: int, example: str, dtype_name: str, backend: str, clip):
             r = step.step(x, y)
             losses.append(r.loss.item())
             skipped.append(bool(r.skipped))
-        runs[shard] = {
+            counts.append((r.grad_zeros.tolist(), r.grad_nonfinite.tolist()))
+        runs[shard] = {"counts": counts,
             "losses": losses, "skipped": skipped, "masters": step.masters(),
             "working": {k: v.clone() for k, v in step.state_dict().items()
                         if k.startswith("working.")},
@@ -435,6 +436,12 @@ def test_sharded_state_trains_as_the_replicated_step(tmp_path, example, dtype, b
         for name in rep["working"]:
             if exact:
                 assert torch.equal(rep["working"][name], zero["working"][name]), name
+        # grad_stats: the shards' counts summed over the ranks (padding excluded) equal the
+        # replicated step's counts of the whole gradients
+        if exact:
+            assert rep["counts"] == zero["counts"], (rep["counts"], zero["counts"])
+        if example == "mlp":
+            assert sum(rep["counts"][4][1]) > 0 and sum(rep["counts"][3][1]) == 0
         if exact:  # the inf batch's loss is NaN in both
             torch.testing.assert_close(torch.tensor(rep["losses"]), torch.tensor(zero["losses"]),
                                        rtol=0, atol=0, equal_nan=True)
@@ -490,6 +497,13 @@ def test_shard_plan_pads_buckets_to_the_world_size():
     # rank 1 owns the second half of each padded bucket
     assert sp.shard(0, full).tolist() == [5, 6, 7, 8, 0, 12, 13, 0]
     assert sp.shard(1, full).tolist() == [4, 5, 6, 0]
+    # grad_stats subtracts the padding zeros of this rank's slices
+    assert (sp.padding(0), sp.padding(1)) == (2, 1)
+    rank0 = plan_shards(DataParallel(None, 0, 2, "gloo", bucket_cap_mb=24 / 2**20),
+                        {"a": 0, "b": 0, "c": 1}, {"a": (3, 3), "b": (5,), "c": (7,)},
+                        ["a", "b", "c"], F16)
+    assert (rank0.padding(0), rank0.padding(1)) == (0, 0)
+    assert rank0.shard(0, full).tolist() == [0, 1, 2, 3, 4, 9, 10, 11]
 
 
 @pytest.mark.parametrize("shard", [True, False])

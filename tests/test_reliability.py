@@ -227,10 +227,14 @@ def test_a_run_of_skipped_steps_warns_and_says_the_scale_is_at_its_floor():
             r = step(bad, y)
         for _ in range(6):
             step(x, y)
-    with pytest.warns(RuntimeWarning, match=r"\d+ training steps in a row were skipped.*floor"):
+    with pytest.warns(RuntimeWarning, match=r"\d+ training steps in a row were skipped.*floor"
+                      ) as caught:
         for _ in range(40):
             r = step(bad, y)
     assert bool(r.at_min_scale) and r.loss_scale.item() == 1.0
+    # the warning localises the overflow: the NaN comes in with the batch
+    text = " ".join(str(w.message) for w in caught)
+    assert "Last batch: " in text and "input" in text, text
 
 
 def test_fault_injection_no_corrupted_state():

@@ -595,3 +595,77 @@ def test_mpcompile_optim_specs_equal_torch_optimizers(spec, make):
             assert torch.equal(v, runs[1][k]), k
     with pytest.raises(TrainStepError, match="nesterov momentum requires"):
         mpcompile.optim.SGD(lr=0.1, nesterov=True)
+
+
+# -- in-graph gradient counters (grad_stats=True) ----------------------------------------------
+
+class _Tiny(nn.Module):
+    """A loss scaled by 2^-20 (an SSD-like model): its FP16 gradients flush to zero at S = 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _tiny_loss(out, y):
+    return F.cross_entropy(out, y) * 2.0**-20
+
+
+def _counted(scale, x, y):
+    torch.manual_seed(0)
+    model = _Tiny()
+    groups = [{"params": [model.fc1.weight, model.fc1.bias]},
+              {"params": [model.fc2.weight, model.fc2.bias], "lr": 0.01}]
+    step = mpcompile.compile_train_step(model, _tiny_loss, x, y, loss_scale=scale,
+                                        optimizer=torch.optim.SGD(groups, lr=0.1),
+                                        backend="eager", grad_stats=True)
+    return step, step.step(x, y)
+
+
+def test_grad_stats_make_underflow_visible():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+    _, r1 = _counted(1.0, x, y)
+    _, r15 = _counted(2.0**15, x, y)
+    assert r1.grad_numel == (32 * 64 + 64, 64 * 10 + 10)
+    assert r1.grad_zeros.shape == (2,) and r1.grad_zeros.dtype == torch.int64
+    # |g| here is below 2^-25 (half FP16's smallest subnormal) for almost every element at S=1
+    assert (r1.zero_fraction > 0.9).all(), r1.zero_fraction
+    # at S = 2^15 the same gradients are representable: only relu's dead units stay zero
+    assert (r15.zero_fraction < 0.5).all() and (r15.zero_fraction < r1.zero_fraction).all()
+    assert r1.grad_nonfinite.tolist() == [0, 0] and not r1.skipped
+    # an inf in the batch: non-finite gradients counted, the step skipped
+    x_bad = x.clone()
+    x_bad[3, 5] = float("inf")
+    step, _ = _counted(2.0**15, x, y)
+    bad = step.step(x_bad, y)
+    assert bool(bad.skipped) and int(bad.grad_nonfinite.sum()) > 0
+    assert "grad_zeros" in step.output_names and "grad_nonfinite" in step.output_names
+
+
+@pytest.mark.parametrize("log2_scale", [6, 12])
+def test_grad_stats_zero_count_matches_fp16_gradients_computed_by_hand(log2_scale):
+    """Oracle: one FP16 linear layer, its loss in FP32 x 2^-20 x S, gradients by hand: the
+    logits' gradient in FP32 rounded to FP16, then dW = dL^T x and db = sum(dL) accumulated in
+    FP32 and rounded to FP16. Input columns scaled by 2^-j/2 spread dW across the flush
+    boundary (about 70 % / 30 % zeros at S = 2^6 / 2^12). Zero-ness differs only where a value
+    sits at the boundary, so the counts agree within 1 % of the elements."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 32, generator=g) * 2.0 ** (-torch.arange(32.0) / 2)
+    y = torch.randint(0, 10, (256,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(32, 10)
+    scale = 2.0**log2_scale
+    w16, b16, x16 = model.weight.half(), model.bias.half(), x.half()
+    logits = (x16.float() @ w16.float().T + b16.float()).half().float().requires_grad_()
+    (dl,) = torch.autograd.grad(_tiny_loss(logits, y) * scale, logits)
+    dl16 = dl.half().float()
+    want = int(((dl16.T @ x16.float()).half() == 0).sum() + (dl16.sum(0).half() == 0).sum())
+    step = mpcompile.compile_train_step(model, _tiny_loss, x, y, loss_scale=scale,
+                                        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                        backend="eager", grad_stats=True)
+    got = int(step.step(x, y).grad_zeros.sum())
+    assert 50 < want < 280 and abs(got - want) <= 0.01 * (32 * 10 + 10), (got, want)

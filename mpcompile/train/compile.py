@@ -47,7 +47,8 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
                        master_weights: bool = True, backend: str = "auto",
                        process_group: Any = None, bucket_cap_mb: float = 25.0,
                        grad_reduce_dtype: torch.dtype | None = None,
-                       shard_optimizer_state: bool = False) -> TrainStep:
+                       shard_optimizer_state: bool = False,
+                       grad_stats: bool = False) -> TrainStep:
     """Compile one mixed-precision training step of ``model`` into a single fx graph.
 
     Args:
@@ -98,6 +99,10 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
             total norm is summed in another order). The model's own parameters are not
             updated by a sharded step: ``to_module()`` and ``sync_model()`` (both collective:
             call them on every rank) gather the masters.
+        grad_stats: also count, inside the step, the zero and the non-finite elements of the
+            unscaled gradients per param group: ``StepResult.grad_zeros`` /
+            ``grad_nonfinite`` / ``zero_fraction`` (device tensors: no host sync unless read),
+            so gradients lost to underflow show instead of passing silently.
     """
     dp = distributed.resolve(process_group, bucket_cap_mb, grad_reduce_dtype)
     try:
@@ -110,6 +115,8 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
         plan = optim.plan_for(optimizer, named)
         policy.check_pins(model)
         _check_sharding(shard_optimizer_state, dp, master_weights)
+        if not isinstance(grad_stats, bool):
+            raise TrainStepError(f"grad_stats must be True or False, got {grad_stats!r}")
     except Exception as e:
         if dp is not None:  # tell the other ranks, which wait for this rank's fingerprint
             distributed.share_failure(dp, e)
@@ -123,7 +130,7 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
             "max_grad_norm": max_grad_norm, "master_weights": master_weights,
             "backend": backend, "bucket_cap_mb": bucket_cap_mb,
             "grad_reduce_dtype": grad_reduce_dtype, "world size": dp.world_size,
-            "shard_optimizer_state": shard_optimizer_state}))
+            "shard_optimizer_state": shard_optimizer_state, "grad_stats": grad_stats}))
         distributed.broadcast_model(dp, model)
 
     # the step trains: a model in eval mode is captured as after model.train(); a model already
@@ -151,7 +158,8 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
                                         shards)
     constants = tuple(b.target for b in fwd.ctx.inputs if b.kind is BindingKind.CONST)
     spec = StepSpec(fwd.gm, fwd.ctx.inputs, program.captured, layout, plan, ls, policy.dtype,
-                    max_grad_norm, loss_fn, len(inputs), len(constants), keep_master, dp, shards)
+                    max_grad_norm, loss_fn, len(inputs), len(constants), keep_master, dp, shards,
+                    grad_stats)
     dev = values[0].device
     lrs = [torch.tensor(g.lr, dtype=torch.float64, device=dev) for g in plan.groups]
     input_names = (*layout.names, *(f"lr{i}" for i in range(len(lrs))),
@@ -171,9 +179,18 @@ def compile_train_step(model: torch.nn.Module, loss_fn: Callable | None = None,
         max_grad_norm=max_grad_norm, batch_signature=batch_signature(args, kwargs, targets),
         batch_key=batch_key(args, kwargs, targets),
         input_names=input_names, n_model_inputs=len(inputs), constants=constants,
-        backend=backend, data_parallel=dp, shards=shards)
+        backend=backend, data_parallel=dp, shards=shards,
+        grad_numel=_group_numel(plan, dict(named)) if grad_stats else None)
     lr_source = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
     return TrainStep(model, compiled, values, lr_source)
+
+
+def _group_numel(plan: optim.Plan, params: dict) -> tuple[int, ...]:
+    """Trainable elements per param group (what grad_stats counts among)."""
+    out = [0] * len(plan.groups)
+    for fqn, gi in plan.group_of.items():
+        out[gi] += params[fqn].numel()
+    return tuple(out)
 
 
 def _check_sharding(shard: bool, dp: distributed.DataParallel | None,

@@ -303,6 +303,15 @@ class ShardPlan:
     def shard_numel(self, group: int) -> int:
         return sum(self.slice_numel(b) for b in self.of_group(group))
 
+    def padding(self, group: int) -> int:
+        """Padding elements (not parameters) in this rank's shard of group ``group``."""
+        pad = 0
+        for b in self.of_group(group):
+            n = self.slice_numel(b)
+            lo, hi = self.rank * n, (self.rank + 1) * n
+            pad += max(0, hi - max(lo, b.numel))
+        return pad
+
     def shard(self, group: int, full: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """This rank's FP32 shard of group ``group``, cut from the full tensors (compile time)."""
         pieces = []

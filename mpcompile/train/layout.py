@@ -23,8 +23,15 @@ from . import distributed
 
 F32 = torch.float32
 
-# what the step graph returns after the new state, in order (grad_norm only with clipping)
-OUTPUTS = ("loss", "loss_scale", "skipped", "grad_norm")
+# what the step graph returns after the new state, in order (grad_norm only with clipping,
+# grad_zeros and grad_nonfinite only with grad_stats=True)
+OUTPUTS = ("loss", "loss_scale", "skipped", "grad_norm", "grad_zeros", "grad_nonfinite")
+
+
+def outputs(clipping: bool, grad_stats: bool) -> tuple[str, ...]:
+    """The names of the step graph's outputs after the new state."""
+    return tuple(n for n in OUTPUTS if (n != "grad_norm" or clipping)
+                 and (n not in ("grad_zeros", "grad_nonfinite") or grad_stats))
 
 
 class StateKind(str, enum.Enum):

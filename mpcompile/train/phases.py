@@ -70,6 +70,23 @@ def clip_by(grads: dict[str, torch.Tensor], shards: Sequence[torch.Tensor], max_
     return {k: g * coef for k, g in grads.items()}, [s * coef for s in shards], norm
 
 
+def grad_counts(groups: Sequence[Sequence[torch.Tensor]], padding: Sequence[int],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zero elements, non-finite elements) of the unscaled gradients per parameter group, int64
+    vectors; ``padding[g]`` zeros of group g that are not gradients (a shard's padding) are not
+    counted. On the device: nothing is read here."""
+    zeros, bad = [], []
+    for g, ts in enumerate(groups):
+        z = torch.zeros((), dtype=torch.int64, device=device)
+        n = torch.zeros((), dtype=torch.int64, device=device)
+        for t in ts:
+            z = z + (t == 0).sum()
+            n = n + (~torch.isfinite(t)).sum()
+        zeros.append(z - padding[g])
+        bad.append(n)
+    return torch.stack(zeros), torch.stack(bad)
+
+
 def update(spec: optim.Spec, master: torch.Tensor, grad: torch.Tensor,
            state: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor]
            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

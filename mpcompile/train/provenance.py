@@ -42,6 +42,9 @@ PHASES = {
                  "no host sync)",
     "clip": "clips the unscaled gradients to max_grad_norm (after unscaling, before the "
             "optimizer)",
+    "grad_stats": "counts the zero and the non-finite elements of the unscaled gradients per "
+                  "param group (grad_stats=True): silent underflow made visible, read when the "
+                  "caller reads them",
     "update": "the optimizer's update, on the FP32 master and FP32 optimizer state",
     "gate": "keeps the old value when found_inf is set: a skipped step leaves every piece of "
             "state bit-identical",

@@ -24,7 +24,7 @@ from ..report import build_report
 from ..signature import Signature, TensorSpec
 from . import checkpoint, distributed
 from .distributed import DataParallel, ShardPlan
-from .layout import OUTPUTS, StateKind, StateLayout, key
+from .layout import StateKind, StateLayout, key, outputs
 from .report import build_train_report
 
 
@@ -37,6 +37,21 @@ class StepResult:
     skipped: torch.Tensor  # bool: gradients were not finite, nothing was updated
     grad_norm: torch.Tensor | None = None  # total norm of the unscaled gradients (clipping only)
     min_scale: float | None = None  # the dynamic scale's floor, if it has one
+    # grad_stats=True only: per param group, int64 vectors
+    grad_zeros: torch.Tensor | None = None  # gradient elements that are exactly zero
+    grad_nonfinite: torch.Tensor | None = None  # gradient elements that are inf or NaN
+    grad_numel: tuple[int, ...] | None = None  # trainable elements per group
+
+    @property
+    def zero_fraction(self) -> torch.Tensor | None:
+        """Per param group, the fraction of gradient elements that are zero (FP32 device
+        tensor; grad_stats=True only). A fraction near 1 on a clean step: the gradients
+        underflowed (raise the loss scale), or nothing reaches those parameters."""
+        if self.grad_zeros is None:
+            return None
+        numel = torch.tensor(self.grad_numel, dtype=torch.float32,
+                             device=self.grad_zeros.device)
+        return self.grad_zeros.to(torch.float32) / numel.clamp(min=1)
 
     @property
     def at_min_scale(self) -> torch.Tensor:
@@ -96,11 +111,16 @@ class CompiledStep:
     backend: str = "auto"  # the requested execution backend (backends.BACKENDS)
     data_parallel: DataParallel | None = None  # the ranks it averages over; None: one process
     shards: ShardPlan | None = None  # sharded FP32 state (ZeRO-1); None: replicated
+    grad_numel: tuple[int, ...] | None = None  # grad_stats=True: trainable elements per group
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        n_extra = len(self.graph_module.graph.output_node().args[0]) - len(self.layout.names)
-        return (*(f"next.{n}" for n in self.layout.names), *OUTPUTS[:n_extra])
+        return (*(f"next.{n}" for n in self.layout.names), *self.extra_outputs)
+
+    @property
+    def extra_outputs(self) -> tuple[str, ...]:
+        """What the step graph returns after the new state (``layout.OUTPUTS``, in order)."""
+        return outputs(self.max_grad_norm is not None, self.grad_numel is not None)
 
 
 class TrainStep:
@@ -231,15 +251,20 @@ class TrainStep:
             # warn that scheduler.step() came before optimizer.step()
             self._lr_source._opt_called = True
         ls = self.loss_scale_config
-        result = StepResult(rest[0], rest[1], rest[2], rest[3] if len(rest) > 3 else None,
-                            getattr(ls, "min_scale", None))
-        self._watch_skips(result)
+        out = dict(zip(self._compiled.extra_outputs, rest))
+        result = StepResult(out["loss"], out["loss_scale"], out["skipped"], out.get("grad_norm"),
+                            getattr(ls, "min_scale", None), out.get("grad_zeros"),
+                            out.get("grad_nonfinite"), self._compiled.grad_numel)
+        self._watch_skips(result, inputs, targets)
         return result
 
-    def _watch_skips(self, result: StepResult) -> None:
+    def _watch_skips(self, result: StepResult, inputs: Any, targets: Any) -> None:
         """Warn when ``warn_after_skips`` steps in a row were skipped. The skip flags stay on the
         device until ``warn_after_skips`` of them have gathered (no work per step), then are read
-        at once; the run length carries across windows."""
+        at once; the run length carries across windows. When the last step was skipped, the
+        warning names the first node that produced inf/NaN on its batch
+        (:func:`mpcompile.localize_overflow`, re-run at the current scale; the state is not
+        touched)."""
         k = self.warn_after_skips
         if not k:
             return
@@ -257,8 +282,27 @@ class TrainStep:
                 f"gradients); the loss scale is now {result.loss_scale.item():g}. If it sits at "
                 "its floor the batches or the model produce inf/NaN by themselves (check the "
                 "data, lower the learning rate, or keep the overflowing module in FP32 with "
-                "Policy(keep_fp32_modules=...)); otherwise the scale is still backing off.",
+                "Policy(keep_fp32_modules=...)); otherwise the scale is still backing off."
+                + self._where(inputs, targets, bool(result.skipped)),
                 RuntimeWarning, stacklevel=3)
+
+    def _where(self, inputs: Any, targets: Any, skipped: bool) -> str:
+        """The overflow localised on the last batch, as a sentence for the warning."""
+        if not skipped:
+            return ""
+        if self.data_parallel is not None:
+            return (" To find the node, call mpcompile.localize_overflow(step, batch) on every "
+                    "rank at once (the step graph holds collectives).")
+        from ..numerics import describe, localize_overflow
+
+        try:
+            found = localize_overflow(self, inputs, targets)
+        except Exception as e:  # noqa: BLE001 - the warning must not fail the step
+            return f" (Localising the overflow failed: {type(e).__name__}: {e}.)"
+        if found is None:
+            return (" Re-running the last batch at the current scale gave no inf/NaN: the "
+                    "overflow came at a higher scale.")
+        return " Last batch: " + describe(found)
 
     # -- state -----------------------------------------------------------------------------
 

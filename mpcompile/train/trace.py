@@ -50,6 +50,7 @@ class StepSpec:
     keep_master: tuple[str, ...]  # parameters with an FP32 master (all, unless the ablation)
     data_parallel: DataParallel | None = None  # None: one process, no collectives
     shards: distributed.ShardPlan | None = None  # sharded FP32 state (ZeRO-1); needs the above
+    grad_stats: bool = False  # also return zero / non-finite gradient counts per group
 
 
 def trace(spec: StepSpec, example: list[torch.Tensor]) -> fx.GraphModule:
@@ -88,7 +89,7 @@ def _step_function(spec: StepSpec) -> Callable:
             if dp is not None:
                 with phase("grad_all_reduce", subject=str(dp)):
                     grads = distributed.average_gradients(dp, grads)
-            g32, gs, found, norm = _unscale(spec, st, grads, shard_parts)
+            g32, gs, found, norm, counts = _unscale(spec, st, grads, shard_parts)
             if dp is not None:
                 with phase("found_inf", subject=f"all-reduce MAX: {dp}"):
                     found = distributed.agree_found_inf(dp, found)
@@ -113,6 +114,8 @@ def _step_function(spec: StepSpec) -> Callable:
                 out += [loss, new["scale"], found]
                 if norm is not None:
                     out.append(norm)
+                if counts is not None:
+                    out += list(counts)
         return tuple(out)
 
     return step
@@ -229,6 +232,7 @@ def _unscale(spec: StepSpec, st: dict, grads: dict, shard_parts: dict):
                 gs[g] = torch.cat([phases.unscale(parts, inv) for parts in per_bucket])
     with phase("found_inf"):
         found = phases.found_inf([*g32.values(), *gs.values()], st["scale"].device)
+    counts = _counts(spec, g32, gs, st["scale"].device) if spec.grad_stats else None
     norm = None
     if spec.max_grad_norm is not None and (g32 or gs):
         with phase("clip"):
@@ -241,7 +245,24 @@ def _unscale(spec: StepSpec, st: dict, grads: dict, shard_parts: dict):
                 gs = dict(zip(gs, gs_list))
             else:
                 g32, norm = phases.clip(g32, spec.max_grad_norm)
-    return g32, gs, found, norm
+    return g32, gs, found, norm, counts
+
+
+def _counts(spec: StepSpec, g32: dict, gs: dict, device: torch.device):
+    """(zeros, non-finite) per param group of the unscaled gradients, summed over the ranks'
+    shards when the FP32 state is sharded (replicated gradients are the same on every rank)."""
+    n = len(spec.plan.groups)
+    with phase("grad_stats", subject="zero and non-finite gradient elements per param group"):
+        whole = [[g for f, g in g32.items() if spec.plan.group_of[f] == gi] for gi in range(n)]
+        counts = phases.grad_counts(whole, [0] * n, device)
+        if gs:
+            sp = spec.shards
+            shard = phases.grad_counts([[gs[gi]] if gi in gs else [] for gi in range(n)],
+                                       [sp.padding(gi) if gi in gs else 0 for gi in range(n)],
+                                       device)
+            summed = distributed.all_reduce_sum(spec.data_parallel, torch.stack(shard))
+            counts = (counts[0] + summed[0], counts[1] + summed[1])
+    return counts
 
 
 def _update(spec: StepSpec, st: dict, lrs: tuple, g32: dict, gs: dict, found, fp32_of: dict):
