@@ -4,6 +4,7 @@
     mpcompile inspect TARGET              convert; the report and why each op runs as it does
     mpcompile export TARGET -o F.onnx     the mixed-precision forward (or --train: the step)
     mpcompile profile TARGET              FP32 histograms: what FP16/BF16 would flush/overflow
+    mpcompile localize TARGET             the first node of the step that produces inf/NaN
     mpcompile reproduce [a|b|c|d|all]     the paper's claims in miniature
     mpcompile policy                      the op policy table
 
@@ -304,6 +305,32 @@ def profile_target(args: argparse.Namespace) -> int:
     return 0
 
 
+LOCALIZED = 3  # exit status of `mpcompile localize` when it found a non-finite value
+
+
+def localize_target(args: argparse.Namespace) -> int:
+    from .numerics import describe, localize_overflow
+
+    t, policy = args.target_obj, _policy(args)
+    opt = torch.optim.SGD(t.model.parameters(), lr=args.lr)
+    try:
+        step = compile_train_step(t.model, t.loss_fn, t.inputs, t.targets, optimizer=opt,
+                                  policy=policy, loss_scale=args.scale, backend="eager")
+    except TrainStepError as e:
+        if t.loss_fn is not None:
+            raise
+        raise TrainStepError(f"TARGET {t.name!r} gave no loss_fn, so the model's output is "
+                             f"taken as the loss, and: {e}") from e
+    found = localize_overflow(step, t.inputs, t.targets)
+    print(f"{t.name}: one {dtype_name(policy.dtype)} training step on TARGET's example batch at "
+          f"loss scale {args.scale:g}, re-run node by node (nothing is trained)")
+    if found is None:
+        print("no node produced inf or NaN")
+        return 0
+    print(describe(found))
+    return LOCALIZED
+
+
 def reproduce(args: argparse.Namespace) -> int:
     from .reproduce import run
 
@@ -461,6 +488,17 @@ def check_profile_args(args: argparse.Namespace) -> str | None:
     return problem
 
 
+def check_localize_args(args: argparse.Namespace) -> str | None:
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        return f"--scale must be a positive finite loss scale, got {args.scale:g}"
+    problem = check_target_args(args)
+    t = args.target_obj if problem is None else None
+    if t is not None and t.targets is not None and t.loss_fn is None:
+        return (f"TARGET {t.name!r} returned example targets but no loss_fn; return (model, "
+                "inputs, targets, loss_fn), or no targets when the model returns its loss")
+    return problem
+
+
 def check_reproduce_args(args: argparse.Namespace) -> str | None:
     return _missing(("matplotlib",), "plot", "reproduce") or _writable_dir(args.out, "--out")
 
@@ -475,7 +513,8 @@ EPILOG = ("TARGET: a built-in example (" + ", ".join(sorted(EXAMPLES)) + ") or "
           "loss_fn]). Exit status: 0 ok; 2 unusable arguments (checked before anything runs: "
           "options, TARGET, policy file, output paths); 1 an error during the run (e.g. a model "
           "that cannot be captured) or, for the demo, mixed precision more than 1 point below "
-          "FP32. An error is one line on stderr; --debug shows the traceback.")
+          f"FP32; {LOCALIZED} localize found a node producing inf/NaN. An error is one line on "
+          "stderr; --debug shows the traceback.")
 
 
 def _target_options(p: argparse.ArgumentParser, policy: bool = True) -> None:
@@ -560,6 +599,20 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--png", metavar="FILE",
                    help="write the activation-gradient histogram (the paper's Figure 3) here")
     f.set_defaults(func=profile_target, check=check_profile_args)
+
+    lo = sub.add_parser(
+        "localize", parents=[debug],
+        help="name the first node of TARGET's training step that produces inf/NaN",
+        description="Compile TARGET's mixed-precision training step (SGD, a static loss scale) "
+        "and re-run one step on TARGET's example batch node by node, without training: print "
+        "the first node that creates an inf or NaN, with its op, phase (forward, backward, "
+        "...), module, source line and the magnitudes of its inputs. Exit 0 when no node does, "
+        f"{LOCALIZED} when one does (1 and 2 as for every command).")
+    _target_options(lo)
+    lo.add_argument("--scale", type=float, default=65536.0,
+                    help="the loss scale to run at (default 65536, the dynamic scale's start)")
+    lo.add_argument("--lr", type=float, default=0.01, help=argparse.SUPPRESS)
+    lo.set_defaults(func=localize_target, check=check_localize_args)
 
     r = sub.add_parser("reproduce", parents=[debug],
                        help="the paper's claims in miniature: tables and plots",

@@ -187,6 +187,20 @@ def logits_only():
     return model, x
 
 
+class Boom(nn.Module):
+    def forward(self, x):
+        y = x * 100.0
+        return y * y  # past FP16's 65504 once |x| > 2.56
+
+
+def planted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), Boom(), nn.Linear(16, 4))
+    g = torch.Generator().manual_seed(1)
+    return model, torch.randn(32, 8, generator=g) * 100, torch.randint(0, 4, (32,), generator=g), \
+        F.cross_entropy
+
+
 def broken():
     raise ValueError("no weights file")
 
@@ -242,6 +256,9 @@ def runs(tmod):
                         "1024", "--png", f"{t}/hist.png"),
         "reproduce": _cmd("reproduce", "d", "--tiny", "--out", f"{t}/rep"),
         "demo": _cmd("demo", "--epochs", "1", "--out", f"{t}/demo"),
+        "localize-planted": _cmd("localize", "tinymodels:planted", "--scale", "1"),
+        "localize-clean": _cmd("localize", "tinymodels:classifier"),
+        "localize-bad-scale": _cmd("localize", "mlp", "--scale", "-1"),
         # errors
         "target-no-module": _cmd("inspect", "no_such_module_xyz:build"),
         "target-no-function": _cmd("export", "tinymodels:nope", "-o", f"{t}/nope.onnx"),
@@ -430,3 +447,15 @@ def test_demo_without_its_extra_names_it(tmp_path, monkeypatch, capsys):
     (line,) = capsys.readouterr().err.splitlines()
     assert "sklearn" in line and "pip install 'mpcompile[demo]'" in line
     assert not (tmp_path / "d").exists()
+
+
+def test_localize_names_the_planted_node_and_exits_3(runs):
+    _, r = runs
+    bad = r["localize-planted"]
+    assert bad.returncode == 3, (bad.returncode, bad.stderr[-2000:])
+    # the planted module is the Sequential's child "1"; the op is its second multiply
+    assert "first non-finite value" in bad.stdout and "aten.mul.Tensor" in bad.stdout
+    assert "module `1`" in bad.stdout and "y * y" in bad.stdout, bad.stdout
+    clean = r["localize-clean"]
+    assert clean.returncode == 0 and "no node produced inf or NaN" in clean.stdout, clean.stderr
+    _one_line_error(r["localize-bad-scale"], 2, "--scale")
