@@ -77,15 +77,38 @@ def run(rank: int, world: int, store: str, args: argparse.Namespace, out: str,
             if i >= 3:
                 times.append(time.perf_counter() - t0)
         grad_elems = sum(p.numel() for p in model.parameters())
+        floor = _collectives(grad_elems, world) if world > 1 else {}
         if rank == 0:
             Path(out).write_text(json.dumps({
                 "world": world, "median_s": statistics.median(times), "compile_s": compile_s,
                 "grad_elems": grad_elems, "execution": str(step.execution), "state": state,
-                "shard": shard,
+                "shard": shard, "floor": floor,
                 "data_parallel": str(step.data_parallel)}))
     finally:
         if world > 1:
             dist.destroy_process_group()
+
+
+def _collectives(numel: int, world: int) -> dict[str, float]:
+    """The floor: eager gloo collectives alone on a flat BF16 buffer of the gradients' size
+    (median of 5, ms): all_reduce (the replicated step) vs reduce_scatter + all_gather (the
+    sharded step)."""
+    x = torch.randn(numel - numel % world).to(torch.bfloat16)
+    part, full = x.new_empty(x.numel() // world), torch.empty_like(x)
+
+    def median_ms(fn) -> float:
+        times = []
+        for _ in range(5):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dist.barrier()
+            times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times)
+
+    return {"all_reduce": median_ms(lambda: dist.all_reduce(x)),
+            "reduce_scatter": median_ms(lambda: dist.reduce_scatter_tensor(part, x)),
+            "all_gather": median_ms(lambda: dist.all_gather_into_tensor(full, part))}
 
 
 def measure(world: int, args: argparse.Namespace, shard: bool = False) -> dict:
@@ -137,6 +160,10 @@ def main() -> None:
           f"replicated, {zero['median_s'] / one['median_s']:.2f}x sharded; throughput "
           f"{2 * one['median_s'] / two['median_s']:.2f}x / "
           f"{2 * one['median_s'] / zero['median_s']:.2f}x ({two['data_parallel']})")
+    f = two["floor"]
+    print(f"the floor, gloo collectives alone on {millions:.1f} M BF16 elements: all_reduce "
+          f"{f['all_reduce']:.1f} ms; reduce_scatter {f['reduce_scatter']:.1f} ms + all_gather "
+          f"{f['all_gather']:.1f} ms = {f['reduce_scatter'] + f['all_gather']:.1f} ms")
     model = 4 * one["grad_elems"]
     total = lambda r: sum(r["state"].values()) + (model if r["shard"] else 0)  # noqa: E731
     print(f"FP32 state (masters + optimizer state) per rank, sharded / replicated: "
