@@ -110,7 +110,13 @@ def _overflow(rank: int):
         export = "exported"
     except ExportError as e:
         export = str(e)
-    return {"skipped": [bool(first.skipped), bool(r.skipped)], "untouched": untouched,
+    try:  # stopping at one rank's first inf/NaN would strand the others in a collective
+        mpcompile.localize_overflow(step, x, y)
+        localize = "ran"
+    except TrainStepError as e:
+        localize = str(e)
+    return {"localize": localize, "skipped": [bool(first.skipped), bool(r.skipped)],
+            "untouched": untouched,
             "names": [k for k in before if k not in moved],
             "scale": [before["scale"].item(), after["scale"].item()],
             "growth": [before["growth_tracker"].item(), after["growth_tracker"].item()],
@@ -215,7 +221,7 @@ def _ckpt_straight(rank: int, folder: str, shard: bool):
     losses = []
     for i in range(STEPS):
         losses.append(step.step(*_rank_batch(rank, i)).loss.item())
-        if i == 4:
+        if i in (3, 4):  # twice into one folder: the second save replaces the first
             step.save(folder)
             at_save = {k: v.clone() for k, v in step.masters().items()}
     return {"losses": losses[5:], "masters": step.masters(), "state": step.state_dict(),
@@ -230,9 +236,15 @@ def _ckpt_resume(rank: int, folder: str, shard: bool):
     return {"losses": losses, "masters": step.masters(), "state": step.state_dict()}
 
 
-def _ckpt_refused(rank: int, folder: str, shard: bool):
-    """Loading a damaged folder: every rank raises, no rank's state changes."""
-    step = _adam_step(rank, shard, seed=1)
+def _ckpt_refused(rank: int, folder: str, shard: bool, cap: float = 0.05):
+    """Loading a damaged folder (or one of another shard plan): every rank raises, no rank's
+    state changes."""
+    torch.manual_seed(1)
+    model = EX.build().train()
+    x, y = _rank_batch(rank, 0)
+    step = mpcompile.compile_train_step(
+        model, EX.loss, x, y, dtype=F16, backend="eager", shard_optimizer_state=shard,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), bucket_cap_mb=cap)
     before = {k: v.clone() for k, v in step.state_dict().items() if torch.is_tensor(v)}
     try:
         step.load(folder)
@@ -328,6 +340,7 @@ def test_an_overflow_on_one_rank_skips_the_step_on_both(tmp_path):
         assert r["scale"] == [2.0**16, 2.0**15]
         assert r["growth"] == [1, 0]
         assert "data-parallel over 2 ranks (gloo)" in r["export"]
+        assert "one process" in r["localize"] and "collectives" in r["localize"]
 
 
 @pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
@@ -514,8 +527,12 @@ def test_checkpoint_at_step_5_resumes_bit_exactly_in_new_processes(tmp_path, sha
     straight = _spawn(tmp_path / "a", "_ckpt_straight", folder, shard)
     assert [o.get("error") for o in straight] == [None, None]
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    # the first save's files were removed once the second save's manifest was in place
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted(
+        ["manifest.json", *manifest["files"]])
     assert manifest["world_size"] == 2 and manifest["sharded"] is shard
-    assert manifest["files"] == ["rank0.mpc", "rank1.mpc"] and manifest["step"] == 5
+    assert [f.split("-")[0] for f in manifest["files"]] == ["rank0", "rank1"]
+    assert manifest["step"] == 5
     resumed = _spawn(tmp_path / "b", "_ckpt_resume", folder, shard)
     assert [o.get("error") for o in resumed] == [None, None]
     for r in (0, 1):
@@ -543,9 +560,18 @@ def test_a_damaged_rank_file_refuses_the_load_on_every_rank(tmp_path):
     (tmp_path / "b").mkdir()
     outs = _spawn(tmp_path / "a", "_ckpt_straight", str(folder), True)
     assert [o.get("error") for o in outs] == [None, None]
-    data = bytearray((folder / "rank1.mpc").read_bytes())
+    # the same shapes (1381 elements per slice), another shard plan (one bucket per
+    # parameter instead of one for all four: other elements in each slice)
+    (tmp_path / "c").mkdir()
+    outs = _spawn(tmp_path / "c", "_ckpt_refused", str(folder), True, 0.001)
+    for r in (0, 1):
+        res = outs[r]["result"]
+        assert res["unchanged"], r
+        assert "sharded another way" in res["error"], res["error"]
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    data = bytearray((folder / files[1]).read_bytes())
     data[-10] ^= 0xFF
-    (folder / "rank1.mpc").write_bytes(bytes(data))
+    (folder / files[1]).write_bytes(bytes(data))
     outs = _spawn(tmp_path / "b", "_ckpt_refused", str(folder), True)
     for r in (0, 1):
         res = outs[r]["result"]

@@ -669,3 +669,23 @@ def test_grad_stats_zero_count_matches_fp16_gradients_computed_by_hand(log2_scal
                                         backend="eager", grad_stats=True)
     got = int(step.step(x, y).grad_zeros.sum())
     assert 50 < want < 280 and abs(got - want) <= 0.01 * (32 * 10 + 10), (got, want)
+
+
+def test_grad_stats_count_a_parameter_no_gradient_reaches_as_zeros():
+    class Half(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(x)  # b is trained by the optimizer but never reached
+
+    torch.manual_seed(0)
+    model, x, y = Half(), torch.randn(8, 4), torch.randn(8, 4)
+    step = mpcompile.compile_train_step(model, F.mse_loss, x, y, backend="eager",
+                                        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                        grad_stats=True)
+    r = step.step(x, y)
+    # a's 20 gradient elements are nonzero (random data), b's 20 count as zeros
+    assert r.grad_numel == (40,) and r.grad_zeros.tolist() == [20]
+    assert r.zero_fraction.tolist() == [0.5]

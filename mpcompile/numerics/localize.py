@@ -198,14 +198,21 @@ def localize_overflow(step: Any, inputs: Any, targets: Any = None, *,
 
     ``loss_scale``: the scale to re-run at (default: the step's current scale). A skipped step
     has already lowered a dynamic scale, so to explain it pass the scale that step ran at.
-    With data parallelism the step graph holds collectives: call it on every rank at once (as
-    a skip happens on every rank at once)."""
+    A data-parallel step is refused: its graph holds collectives, and a rank that stops at its
+    first inf/NaN would leave the others waiting in them; localise on one process (a step
+    compiled without torch.distributed) with the batch of the rank that overflowed."""
     from ..api import as_args, split_inputs, tensor_leaves
     from ..train.step import TrainStep, _batch_mismatch, batch_key, batch_signature
 
     if not isinstance(step, TrainStep):
         raise TrainStepError(f"localize_overflow needs a TrainStep (from compile_train_step), "
                              f"got {type(step).__name__}")
+    if step.data_parallel is not None:
+        raise TrainStepError(
+            f"localize_overflow: this step is {step.data_parallel}; its graph holds collectives "
+            "that every rank must reach, so it cannot stop at one rank's first inf/NaN. "
+            "Compile the same step on one process (without torch.distributed) and localise "
+            "there with the batch of the rank that overflowed")
     args, kwargs = split_inputs(inputs)
     tgts = as_args(targets)
     if batch_key(args, kwargs, tgts) != step.compiled.batch_key:

@@ -61,21 +61,37 @@ _KEYS = {"format", "version", "layout", "specs", "dtype", "groups", "fingerprint
 
 def identity(step: TrainStep) -> dict[str, Any]:
     """What a checkpoint must match to be loaded into ``step``: every state entry as
-    [name, dtype, shape], the low precision, and the parameters of each optimizer group."""
+    [name, dtype, shape], the low precision, the parameters of each optimizer group, and with
+    sharded FP32 state the shard plan (which elements each slice holds: two plans can give
+    slices of one shape that hold different elements)."""
     groups: list[list[str]] = [[] for _ in step.plan.groups]
     for fqn, gi in step.plan.group_of.items():
         groups[gi].append(fqn)
+    sp = step.shards
     return {
         "specs": [[n, dtype_name(t.dtype), list(t.shape)]
                   for n, t in zip(step.layout.names, step.state)],
         "dtype": dtype_name(step.dtype),
         "groups": groups,
+        "shards": None if sp is None else shard_description(sp),
     }
 
 
+def shard_description(sp: distributed.ShardPlan) -> list:
+    """A shard plan as plain data: world size, rank, and per bucket its group, padded size and
+    segments (name, offset, shape)."""
+    return [sp.world_size, sp.rank, [[b.group, b.padded, [[s.fqn, s.offset, list(s.shape)]
+                                                           for s in b.segments]]
+                                     for b in sp.buckets]]
+
+
 def fingerprint(ident: dict[str, Any]) -> str:
-    """sha256 of an :func:`identity` (canonical JSON)."""
-    text = json.dumps([ident["specs"], ident["dtype"], ident["groups"]], separators=(",", ":"))
+    """sha256 of an :func:`identity` (canonical JSON; a replicated step's as before sharding
+    existed, so its earlier checkpoints still load)."""
+    parts = [ident["specs"], ident["dtype"], ident["groups"]]
+    if ident.get("shards") is not None:
+        parts.append(ident["shards"])
+    text = json.dumps(parts, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -258,7 +274,7 @@ def _malformed(obj: Any) -> str | None:
     """What is wrong with a payload's structure, or None."""
     if not isinstance(obj, dict):
         return f"its payload is a {type(obj).__name__}, not a dict"
-    if set(obj) != _KEYS:
+    if set(obj) - {"shards"} != _KEYS:
         return (f"its payload has keys {sorted(map(str, obj))}, expected {sorted(_KEYS)}")
     if obj["format"] != FORMAT or obj["version"] != VERSION:
         return f"its payload says format {obj['format']!r} version {obj['version']!r}"
@@ -315,6 +331,11 @@ def _difference(theirs: dict[str, Any], ours: dict[str, Any], most: int = 3) -> 
                                                if len(diff) > most else ""))
     if not parts and list(a) != list(b):
         parts.append("its state entries are in another order")
+    if theirs.get("shards") != ours.get("shards") and not parts:
+        parts.append("its FP32 state is sharded another way (world size, rank, or the buckets: "
+                     "bucket_cap_mb and grad_reduce_dtype decide them)" if theirs.get("shards")
+                     and ours.get("shards") else "one of the two shards its FP32 state "
+                     "(shard_optimizer_state=True) and the other does not")
     if theirs["dtype"] != ours["dtype"]:
         parts.append(f"it was compiled for {theirs['dtype']}, this step for {ours['dtype']}")
     if theirs["groups"] != ours["groups"] and not parts:
@@ -378,8 +399,13 @@ MANIFEST = "manifest.json"
 DP_FORMAT = "mpcompile.DataParallelCheckpoint"
 
 
-def rank_file(rank: int) -> str:
-    return f"rank{rank}.mpc"
+def rank_file(rank: int, save_id: str) -> str:
+    """Rank ``rank``'s file of the save ``save_id`` (each save writes new names: the files of
+    the previous save stay until the new manifest replaces the old one)."""
+    return f"rank{rank}-{save_id}.mpc"
+
+
+_RANK_FILE = re.compile(r"rank(\d+)-([0-9a-f]{16})\.mpc")
 
 
 def is_distributed(path: str | os.PathLike) -> bool:
@@ -399,40 +425,56 @@ def _agree(step: TrainStep, why: str | None, what: str) -> None:
 
 
 def save_distributed(step: TrainStep, folder: str | os.PathLike) -> Path:
-    """Every rank's file, then rank 0's manifest naming them with their checksums (see
-    ``TrainStep.save``). The manifest is replaced last, atomically. A save cut off between the
-    two leaves the previous manifest, whose checksums refuse the new files: the folder does
-    not load (it never loads a mix of two saves). Save each checkpoint into a new folder to
-    keep the previous one through a crash."""
+    """Every rank's file under a new name, then rank 0's manifest naming them with their
+    checksums (see ``TrainStep.save``), then the previous save's files are removed. The
+    manifest is replaced last, atomically: a save that fails or is cut off at any point leaves
+    the previous manifest and the files it names, so the folder still loads the previous
+    checkpoint."""
     dp, folder = step.data_parallel, Path(folder)
+    save_id = distributed.gather_objects(dp, os.urandom(8).hex())[0]  # rank 0's, everywhere
     why, digest = None, None
     try:
         if folder.exists() and not folder.is_dir():
             raise CheckpointError(f"{str(folder)!r} is a file; a data-parallel step saves into "
                                   "a folder (one file per rank and a manifest)")
         folder.mkdir(parents=True, exist_ok=True)
-        path = save(step, folder / rank_file(dp.rank))
+        path = save(step, folder / rank_file(dp.rank, save_id))
         digest = header_digest(path)
-    except (CheckpointError, OSError) as e:
-        why = str(e)
+    except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below
+        why = f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)
     gathered = distributed.gather_objects(dp, (why, digest))
     failed = [(r, w) for r, (w, _) in enumerate(gathered) if w is not None]
     if failed:
-        raise CheckpointError(f"checkpoint {str(folder)!r} not saved (its manifest was not "
-                              "replaced): " + "; ".join(f"rank {r}: {w}" for r, w in failed))
-    digests = [d for _, d in gathered]
+        _remove(folder / rank_file(dp.rank, save_id))
+        raise CheckpointError(f"checkpoint {str(folder)!r} not saved; the previous checkpoint "
+                              "there, if any, is unchanged: " +
+                              "; ".join(f"rank {r}: {w}" for r, w in failed))
     why = None
     if dp.rank == 0:
         manifest = {"format": DP_FORMAT, "version": VERSION, "world_size": dp.world_size,
                     "sharded": step.shards is not None, "backend": dp.backend,
-                    "files": [rank_file(r) for r in range(dp.world_size)],
-                    "sha256": digests, "step": int(step.value("step"))}
+                    "files": [rank_file(r, save_id) for r in range(dp.world_size)],
+                    "sha256": [d for _, d in gathered], "step": int(step.value("step"))}
         try:
             _write_atomic(folder / MANIFEST, (json.dumps(manifest, indent=1).encode(),))
-        except CheckpointError as e:
+        except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below
             why = str(e)
-    _agree(step, why, f"checkpoint {str(folder)!r} not saved")
+    # (on a failure here the new files stay: the manifest may be in place already)
+    _agree(step, why, f"checkpoint {str(folder)!r}: rank 0 could not write its manifest; the "
+           "folder holds the previous checkpoint unless the error says it was replaced")
+    # the new manifest is in place: this rank's files of earlier saves are garbage
+    for old in folder.glob(f"rank{dp.rank}-*.mpc"):
+        m = _RANK_FILE.fullmatch(old.name)
+        if m and m[2] != save_id:
+            _remove(old)
     return folder
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -448,7 +490,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     ok = (isinstance(m, dict) and m.get("format") == DP_FORMAT
           and m.get("version") == VERSION and isinstance(m.get("world_size"), int)
           and m["world_size"] >= 1 and isinstance(m.get("sharded"), bool)
-          and m.get("files") == [rank_file(r) for r in range(m["world_size"])]
+          and isinstance(m.get("files"), list) and len(m["files"]) == m["world_size"]
+          and all(isinstance(f, str) and (fm := _RANK_FILE.fullmatch(f)) and int(fm[1]) == r
+                  for r, f in enumerate(m["files"]))
           and isinstance(m.get("sha256"), list) and len(m["sha256"]) == m["world_size"])
     if not ok:
         raise CheckpointError(f"{where}: its {MANIFEST} is not a valid manifest of format "
@@ -467,17 +511,16 @@ def _which_file(step: TrainStep, folder: Path, m: dict[str, Any]) -> tuple[Path,
                 f"checkpoint {str(folder)!r} was written by {m['world_size']} ranks with "
                 "sharded FP32 state (shard_optimizer_state=True): each file holds one rank's "
                 f"slice, so it loads only into a sharded step on {m['world_size']} ranks, not "
-                f"{'a replicated step' if step.shards is None else here}. Resume on "
-                f"{m['world_size']} ranks, then save from a replicated step to change the "
-                "world size")
-        return folder / rank_file(rank), rank
+                f"{'a replicated step' if step.shards is None else here}. Changing the world "
+                "size of a sharded checkpoint is not supported yet")
+        return folder / m["files"][rank], rank
     if step.shards is not None:
         raise CheckpointError(
             f"checkpoint {str(folder)!r} holds replicated state; this step shards its FP32 "
             "state (shard_optimizer_state=True): load it into a replicated step")
     # replicated: every rank's file holds the same state; read your own when there is one
     i = rank if rank < m["world_size"] else 0
-    return folder / rank_file(i), i
+    return folder / m["files"][i], i
 
 
 def load_distributed(step: TrainStep, path: str | os.PathLike) -> None:
@@ -497,7 +540,7 @@ def load_distributed(step: TrainStep, path: str | os.PathLike) -> None:
             apply = prepare(step, file, obj)
         else:
             apply = prepare(step, path)
-    except CheckpointError as e:
-        why = str(e)
+    except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below
+        why = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
     _agree(step, why, "checkpoint not loaded, no rank changed")
     apply()

@@ -73,8 +73,9 @@ def clip_by(grads: dict[str, torch.Tensor], shards: Sequence[torch.Tensor], max_
 def grad_counts(groups: Sequence[Sequence[torch.Tensor]], padding: Sequence[int],
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(zero elements, non-finite elements) of the unscaled gradients per parameter group, int64
-    vectors; ``padding[g]`` zeros of group g that are not gradients (a shard's padding) are not
-    counted. On the device: nothing is read here."""
+    vectors; ``padding[g]`` is subtracted from group g's zeros (a shard's padding, which is not
+    a gradient; negative: elements to count as zeros, e.g. a parameter no gradient reaches).
+    On the device: nothing is read here."""
     zeros, bad = [], []
     for g, ts in enumerate(groups):
         z = torch.zeros((), dtype=torch.int64, device=device)

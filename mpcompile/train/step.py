@@ -139,6 +139,8 @@ class TrainStep:
         self.warn_after_skips = 100  # consecutive skipped steps before a warning (0: never)
         self._recent_skips: list[torch.Tensor] = []
         self._skip_run = 0  # skipped steps in a row up to the last window read
+        self._scale_in: torch.Tensor | None = None  # the scale the last step ran at
+        self._last_scale: float | None = None
 
     # -- what was compiled ---------------------------------------------------------------------
 
@@ -245,6 +247,8 @@ class TrainStep:
         dev = self._state[0].device
         lrs = [torch.tensor(x, dtype=torch.float64, device=dev) for x in self.learning_rates()]
         batch = [t.contiguous() for t in (*tensor_leaves(args, kwargs), *targets)]
+        # the scale this step runs at (a device copy, no sync): the skip warning re-runs at it
+        self._scale_in = self.value("scale").clone() if self.warn_after_skips else None
         rest = self._runner(*self._state, *lrs, *batch, *self._compiled.constants)
         if self._lr_source is not None:
             # this step is the optimizer's step: tell torch's LR schedulers, which otherwise
@@ -277,6 +281,7 @@ class TrainStep:
             longest = max(longest, self._skip_run)
         self._recent_skips.clear()
         if longest >= k:
+            self._last_scale = float(self._scale_in) if self._scale_in is not None else None
             warnings.warn(
                 f"{longest} training steps in a row were skipped (non-finite "
                 f"gradients); the loss scale is now {result.loss_scale.item():g}. If it sits at "
@@ -291,17 +296,17 @@ class TrainStep:
         if not skipped:
             return ""
         if self.data_parallel is not None:
-            return (" To find the node, call mpcompile.localize_overflow(step, batch) on every "
-                    "rank at once (the step graph holds collectives).")
+            return (" To find the node, compile the same step on one process and call "
+                    "mpcompile.localize_overflow(step, batch) with the overflowing rank's batch.")
         from ..numerics import describe, localize_overflow
 
         try:
-            found = localize_overflow(self, inputs, targets)
+            found = localize_overflow(self, inputs, targets, loss_scale=self._last_scale)
         except Exception as e:  # noqa: BLE001 - the warning must not fail the step
             return f" (Localising the overflow failed: {type(e).__name__}: {e}.)"
         if found is None:
-            return (" Re-running the last batch at the current scale gave no inf/NaN: the "
-                    "overflow came at a higher scale.")
+            return (" Re-running the last batch at the scale it ran at "
+                    f"({self._last_scale}) gave no inf/NaN.")
         return " Last batch: " + describe(found)
 
     # -- state -----------------------------------------------------------------------------

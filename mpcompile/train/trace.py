@@ -232,7 +232,7 @@ def _unscale(spec: StepSpec, st: dict, grads: dict, shard_parts: dict):
                 gs[g] = torch.cat([phases.unscale(parts, inv) for parts in per_bucket])
     with phase("found_inf"):
         found = phases.found_inf([*g32.values(), *gs.values()], st["scale"].device)
-    counts = _counts(spec, g32, gs, st["scale"].device) if spec.grad_stats else None
+    counts = _counts(spec, g32, gs, st) if spec.grad_stats else None
     norm = None
     if spec.max_grad_norm is not None and (g32 or gs):
         with phase("clip"):
@@ -248,13 +248,20 @@ def _unscale(spec: StepSpec, st: dict, grads: dict, shard_parts: dict):
     return g32, gs, found, norm, counts
 
 
-def _counts(spec: StepSpec, g32: dict, gs: dict, device: torch.device):
+def _counts(spec: StepSpec, g32: dict, gs: dict, st: dict):
     """(zeros, non-finite) per param group of the unscaled gradients, summed over the ranks'
-    shards when the FP32 state is sharded (replicated gradients are the same on every rank)."""
-    n = len(spec.plan.groups)
+    shards when the FP32 state is sharded (replicated gradients are the same on every rank).
+    A parameter no gradient reaches counts as zeros."""
+    n, device = len(spec.plan.groups), st["scale"].device
+    sharded = set(spec.shards.sharded) if spec.shards is not None else set()
+    unreached = [0] * n
+    for fqn, gi in spec.plan.group_of.items():
+        if fqn not in g32 and fqn not in sharded:
+            name = key(StateKind.MASTER, fqn)
+            unreached[gi] += st[name if name in st else key(StateKind.WORKING, fqn)].numel()
     with phase("grad_stats", subject="zero and non-finite gradient elements per param group"):
         whole = [[g for f, g in g32.items() if spec.plan.group_of[f] == gi] for gi in range(n)]
-        counts = phases.grad_counts(whole, [0] * n, device)
+        counts = phases.grad_counts(whole, [-u for u in unreached], device)
         if gs:
             sp = spec.shards
             shard = phases.grad_counts([[gs[gi]] if gi in gs else [] for gi in range(n)],
