@@ -376,10 +376,12 @@ class TrainStep:
         the state, the ``set_lr`` override and the learning rates in use, checksummed. Returns
         the path. See :mod:`mpcompile.train.checkpoint`.
 
-        A data-parallel step writes a folder: one file per rank (``rank<r>.mpc``, its own state:
-        its shard with ``shard_optimizer_state``) and ``manifest.json`` (world size, sharding,
-        each file's checksum), written by rank 0 once every rank's file is on disk. A
-        collective: call it on every rank; a failure on any rank raises on all of them."""
+        A data-parallel step writes a folder: one file per rank (``rank<r>-<save id>.mpc``, its
+        own state: its shard with ``shard_optimizer_state``) and ``manifest.json`` (world size,
+        sharding, the files and their checksums), written by rank 0 once every rank's file is
+        on disk; the previous save's files are removed after that, so a failed or cut-off save
+        leaves the previous checkpoint loadable. A collective: call it on every rank; a failure
+        on any rank raises on all of them."""
         if self.data_parallel is not None:
             return checkpoint.save_distributed(self, path)
         return checkpoint.save(self, path)
