@@ -16,7 +16,7 @@ from . import backends, passes
 from .capture import BindingKind, Captured, capture
 from .dtypes import dtype_name
 from .errors import CaptureError, MPCompileError, PolicyError, SignatureError
-from .explain import explain, to_dot
+from .explain import explain, to_dot, to_png
 from .passes import Context
 from .policy import Policy
 from .report import build_report
@@ -343,6 +343,11 @@ class MixedPrecisionModule(torch.nn.Module):
         """The graph as Graphviz DOT coloured by precision; with ``path``, also write it there
         (and an SVG beside it when Graphviz ``dot`` is installed)."""
         return to_dot(self.program, path=path, stage=stage)
+
+    def to_png(self, path: str, stage: str | None = None):
+        """The graph drawn as a PNG coloured by precision (matplotlib, no Graphviz needed);
+        returns the path."""
+        return to_png(self.program, path, stage=stage)
 
 
 def convert(model: torch.nn.Module, example_inputs: Any = None, *,

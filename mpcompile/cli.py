@@ -209,6 +209,7 @@ def write_demo_files(out: Path, data, runs, seed: int) -> list[Path]:
         name = dtype_name(r.dtype)
         if r.dtype is torch.float16:
             mp.to_dot(out / "graph-float16.dot")
+            files += [mp.to_png(out / "graph-float16.png")]
             files += [p for p in (out / "graph-float16.dot", out / "graph-float16.svg")
                       if p.exists()]
         files.append(export_onnx(mp, out / f"digits-{name}.onnx"))

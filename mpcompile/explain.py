@@ -132,6 +132,67 @@ def to_dot(program, path: str | None = None, stage: str | None = None) -> str:
     return text
 
 
+def to_graph(program, stage: str | None = None):
+    """The graph as a ``networkx.DiGraph``: one node per fx node with its label (name, op,
+    dtype and shape) and colour (as in :func:`to_dot`), one edge per use."""
+    import networkx as nx
+
+    gm = program.stages[stage] if stage else program.graph_module
+    low = program.policy.dtype
+    g = nx.DiGraph()
+    for n in gm.graph.nodes:
+        target = (f"getitem[{n.args[1]}]" if is_getitem(n) else n.name if n.op == "placeholder"
+                  else str(n.target if n.op == "call_function" else n.op).replace("aten.", "")
+                  .removesuffix(".default"))
+        d = val_dtype(n)
+        label = f"{target}\n{dtype_name(d)}" if d is not None else target
+        g.add_node(n.name, label=label, colour=_colour(n, low))
+    for n in gm.graph.nodes:
+        for _, _, a in arg_slots(n):
+            g.add_edge(a.name, n.name)
+    return g
+
+
+def to_png(program, path: str | Path, stage: str | None = None) -> Path:
+    """The graph drawn as a PNG (matplotlib, the ``[plot]`` extra; no Graphviz needed): nodes in
+    layers by their depth from the inputs, coloured as in :func:`to_dot` (green the low
+    precision, red FP32, yellow casts, blue inputs)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch
+    except ImportError as e:
+        raise ImportError("to_png needs matplotlib: pip install 'mpcompile[plot]'") from e
+    import networkx as nx
+
+    g = to_graph(program, stage)
+    for depth, layer in enumerate(nx.topological_generations(g)):
+        for name in layer:
+            g.nodes[name]["depth"] = depth
+    pos = nx.multipartite_layout(g, subset_key="depth", align="horizontal", scale=1.0)
+    pos = {k: (x, -y) for k, (x, y) in pos.items()}  # inputs on top
+    depth = max(nx.get_node_attributes(g, "depth").values(), default=0) + 1
+    width = max(len(layer) for layer in nx.topological_generations(g)) if len(g) else 1
+    fig = Figure(figsize=(max(6.0, 1.6 * width), max(4.0, 0.9 * depth)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    nx.draw_networkx_edges(g, pos, ax=ax, arrows=True, arrowsize=8, edge_color="#888888",
+                           node_size=900)
+    nx.draw_networkx_nodes(g, pos, ax=ax, node_shape="s", node_size=900,
+                           node_color=[g.nodes[n]["colour"] for n in g])
+    nx.draw_networkx_labels(g, pos, ax=ax, font_size=6,
+                            labels=nx.get_node_attributes(g, "label"))
+    low = dtype_name(program.policy.dtype)
+    ax.legend(handles=[Patch(color=_COLOURS[k], label=t) for k, t in (
+        ("low", low), ("fp32", "float32"), ("cast", "cast"), ("input", "input"),
+        ("none", "no float"))], loc="upper right", fontsize=7)
+    ax.set_title(f"{program.captured.model_name}: the mixed-precision graph")
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
 def diff_stages(program, before: str, after: str) -> str:
     """A unified diff of two stages' generated code."""
     a = program.stages[before].code.splitlines()

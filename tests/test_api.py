@@ -366,3 +366,29 @@ def test_dot_and_stage_diff(tmp_path):
                                "cleanup", "kernels", "run_views"]
     diff = diff_stages(mp.program, "assign", "casts")
     assert "+" in diff and "_to_copy" in diff
+
+
+def test_to_png_draws_every_node_and_use_coloured_by_precision(tmp_path):
+    pytest.importorskip("matplotlib")
+    from mpcompile.explain import to_graph
+    from mpcompile.fxutil import arg_slots
+
+    ex = EXAMPLES["cnn"]
+    x, _ = batch(ex)
+    mp = mpcompile.convert(ex.build(), x, dtype=torch.float16, backend="eager")
+    path = mp.to_png(tmp_path / "g.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    g = to_graph(mp.program)
+    nodes = list(mp.graph_module.graph.nodes)
+    assert set(g.nodes) == {n.name for n in nodes}
+    assert g.number_of_edges() == len({(a.name, n.name) for n in nodes
+                                       for _, _, a in arg_slots(n)})
+    # a float16 convolution is green, a cast yellow, an input blue (to_dot's colours)
+    colour = {n: g.nodes[n]["colour"] for n in g}
+    import re
+
+    dot_colour = dict(re.findall(r'^  "([^"]+)" \[label=.*fillcolor="([^"]+)"\];$', mp.to_dot(),
+                                 re.M))
+    assert dot_colour == colour
+    conv = next(n for n in nodes if "convolution" in str(n.target))
+    assert colour[conv.name] == "#9fd89f"

@@ -368,7 +368,7 @@ def test_shortened_demo_writes_its_files_and_exits_by_accuracy(runs):
     for name in ("digits-float16.onnx", "digits-bfloat16.onnx",
                  "digits-float16-train-step.onnx"):
         onnx.checker.check_model(onnx.load(str(out / name)))
-    for name in ("loss-curves.png", "gradient-histogram.png"):
+    for name in ("loss-curves.png", "gradient-histogram.png", "graph-float16.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "graph-float16.dot").read_text().startswith('digraph "DigitsCNN"')
     assert "training graph, nodes by phase" in r["demo"].stdout  # the step's report
