@@ -169,9 +169,22 @@ def _state_bytes(step) -> dict[str, int]:
     return out
 
 
-def _zero(rank: int, example: str, dtype_name: str, backend: str, clip):
+def _optimizer(kind: str, model):
+    """Adam with weight decay, or SGD (Nesterov momentum) with two param groups that differ in
+    lr and weight decay."""
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.01)
+    params = list(model.parameters())
+    half = len(params) // 2
+    return torch.optim.SGD([{"params": params[:half]},
+                            {"params": params[half:], "lr": 0.01, "weight_decay": 1e-4}],
+                           lr=0.05, momentum=0.9, nesterov=True)
+
+
+def _zero(rank: int, example: str, dtype_name: str, backend: str, clip, opt: str = "adam",
+          cap: float = 0.05):
     """The same 10 steps (an inf batch on rank 1 at step 4) replicated and with sharded FP32
-    state (Adam), from the same start: losses, skips, masters, working copies, state bytes."""
+    state, from the same start: losses, skips, masters, working copies, state bytes."""
     ex = EXAMPLES[example]
     dtype = getattr(torch, dtype_name)
     runs = {}
@@ -181,8 +194,8 @@ def _zero(rank: int, example: str, dtype_name: str, backend: str, clip):
         x, y = batch(ex, seed=rank)
         step = mpcompile.compile_train_step(
             model, ex.loss, x, y, dtype=dtype, backend=backend, max_grad_norm=clip,
-            optimizer=torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.01),
-            shard_optimizer_state=shard, bucket_cap_mb=0.05, grad_stats=True)
+            optimizer=_optimizer(opt, model), shard_optimizer_state=shard, bucket_cap_mb=cap,
+            grad_stats=True)
         losses, skipped, counts = [], [], []
         for i in range(STEPS):
             x, y = batch(ex, seed=100 * i + rank)
@@ -199,6 +212,8 @@ def _zero(rank: int, example: str, dtype_name: str, backend: str, clip):
                         if k.startswith("working.")},
             "bytes": _state_bytes(step), "scale": step.value("scale").item(),
             "sharded": list(step.shards.sharded) if step.shards else [],
+            "padding": ([step.shards.padding(g) for g in step.shards.groups]
+                        if step.shards else []),
             "model": {k: v.detach().clone() for k, v in step.to_module().state_dict().items()},
             "collectives": sorted({str(n.target) for n in step.graph_module.graph.nodes
                                    if "_c10d_functional" in str(n.target)}),
@@ -419,14 +434,18 @@ def test_bad_data_parallel_options():
             _compile(0, EX.build(), bucket_cap_mb=-1)
 
 
-@pytest.mark.parametrize("example,dtype,backend,clip", [
-    ("mlp", "float16", "eager", None),
-    ("mlp", "bfloat16", "eager", None),
-    pytest.param("transformer", "float16", "inductor", None, marks=pytest.mark.slow),
-    pytest.param("mlp", "float16", "eager", 1.0, marks=pytest.mark.slow),
+@pytest.mark.parametrize("example,dtype,backend,clip,opt,cap", [
+    ("mlp", "float16", "eager", None, "adam", 0.05),
+    ("mlp", "bfloat16", "eager", None, "adam", 0.05),
+    # two param groups, SGD momentum, a bucket per parameter, an odd-sized bias (padding)
+    ("lstm", "float16", "eager", None, "sgd", 0.001),
+    pytest.param("transformer", "float16", "inductor", None, "adam", 0.05,
+                 marks=pytest.mark.slow),
+    pytest.param("mlp", "float16", "eager", 1.0, "adam", 0.05, marks=pytest.mark.slow),
 ])
-def test_sharded_state_trains_as_the_replicated_step(tmp_path, example, dtype, backend, clip):
-    outs = _spawn(tmp_path, "_zero", example, dtype, backend, clip, limit=300)
+def test_sharded_state_trains_as_the_replicated_step(tmp_path, example, dtype, backend, clip,
+                                                     opt, cap):
+    outs = _spawn(tmp_path, "_zero", example, dtype, backend, clip, opt, cap, limit=300)
     assert [o.get("error") for o in outs] == [None, None]
     for r in (0, 1):
         rep, zero = outs[r]["result"][False], outs[r]["result"][True]
@@ -467,7 +486,8 @@ def test_sharded_state_trains_as_the_replicated_step(tmp_path, example, dtype, b
         # one padding element per bucket); the replicated ones (FP32 uses) stay whole
         n_sh = sum(rep["masters"][f].numel() for f in zero["sharded"])
         n_all = sum(t.numel() for t in rep["masters"].values())
-        for s, per in (("master", 4), ("opt", 8)):
+        per_opt = 8 if opt == "adam" else 4  # Adam's two moments, SGD's momentum buffer
+        for s, per in (("master", 4), ("opt", per_opt)):
             kept = rep["bytes"][s] - per * n_sh  # the replicated parameters' share
             shard = zero["bytes"][s] - kept
             assert per * n_sh / 2 <= shard <= per * (n_sh / 2 + 64), (s, shard, per * n_sh)
@@ -477,6 +497,9 @@ def test_sharded_state_trains_as_the_replicated_step(tmp_path, example, dtype, b
                 rep["bytes"]["master"] + rep["bytes"]["opt"])
             assert 0.5 <= ratio <= 0.501, ratio
         assert zero["bytes"]["working"] == rep["bytes"]["working"]
+    if example == "lstm":  # fc.bias (5 elements) is padded to 6: rank 1's slice holds the pad
+        assert sum(outs[1]["result"][True]["padding"]) > 0
+        assert len(outs[1]["result"][True]["padding"]) == 2  # both param groups sharded
     # the ranks agree with each other
     assert outs[0]["result"][True]["skipped"] == outs[1]["result"][True]["skipped"]
     torch.testing.assert_close(torch.tensor(outs[0]["result"][True]["losses"]),
