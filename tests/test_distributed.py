@@ -169,6 +169,31 @@ def _state_bytes(step) -> dict[str, int]:
     return out
 
 
+class _Twice(torch.nn.Module):
+    """A weight read by three matmuls (as a tied embedding / LM head reads one weight twice):
+    one working-copy input, whose gradient autograd accumulates over the three uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(24, 16) * 0.2)
+        self.head = torch.nn.Linear(24, 7)
+
+    def forward(self, x):
+        h = torch.relu(x @ self.w.t())  # [n, 24]
+        h = torch.relu((h @ self.w) @ self.w.t())  # w twice more
+        return self.head(h)
+
+
+def _example(name: str):
+    if name != "twice":
+        return EXAMPLES[name]
+    from mpcompile.examples import Example
+
+    return Example("twice", _Twice, lambda g: (torch.randn(16, 16, generator=g),),
+                   lambda g: torch.randint(0, 7, (16,), generator=g),
+                   torch.nn.functional.cross_entropy)
+
+
 def _optimizer(kind: str, model):
     """Adam with weight decay, or SGD (Nesterov momentum) with two param groups that differ in
     lr and weight decay."""
@@ -185,7 +210,7 @@ def _zero(rank: int, example: str, dtype_name: str, backend: str, clip, opt: str
           cap: float = 0.05):
     """The same 10 steps (an inf batch on rank 1 at step 4) replicated and with sharded FP32
     state, from the same start: losses, skips, masters, working copies, state bytes."""
-    ex = EXAMPLES[example]
+    ex = _example(example)
     dtype = getattr(torch, dtype_name)
     runs = {}
     for shard in (False, True):
@@ -439,6 +464,7 @@ def test_bad_data_parallel_options():
     ("mlp", "bfloat16", "eager", None, "adam", 0.05),
     # two param groups, SGD momentum, a bucket per parameter, an odd-sized bias (padding)
     ("lstm", "float16", "eager", None, "sgd", 0.001),
+    ("twice", "float16", "eager", None, "adam", 0.05),  # one weight read by three matmuls
     pytest.param("transformer", "float16", "inductor", None, "adam", 0.05,
                  marks=pytest.mark.slow),
     pytest.param("mlp", "float16", "eager", 1.0, "adam", 0.05, marks=pytest.mark.slow),
@@ -454,7 +480,7 @@ def test_sharded_state_trains_as_the_replicated_step(tmp_path, example, dtype, b
         assert any("all_gather" in c for c in zero["collectives"])
         assert not any("reduce_scatter" in c for c in rep["collectives"])
         # both ranks skip step 5 (rank 1's inf batch) in both runs
-        if example == "mlp":
+        if example in ("mlp", "twice"):
             assert rep["skipped"][4] and zero["skipped"][4], (rep["skipped"], zero["skipped"])
         if dtype == "bfloat16":
             assert rep["skipped"] == zero["skipped"]
@@ -472,7 +498,7 @@ def test_sharded_state_trains_as_the_replicated_step(tmp_path, example, dtype, b
         # replicated step's counts of the whole gradients
         if exact:
             assert rep["counts"] == zero["counts"], (rep["counts"], zero["counts"])
-        if example == "mlp":
+        if example in ("mlp", "twice"):
             assert sum(rep["counts"][4][1]) > 0 and sum(rep["counts"][3][1]) == 0
         if exact:  # the inf batch's loss is NaN in both
             torch.testing.assert_close(torch.tensor(rep["losses"]), torch.tensor(zero["losses"]),
@@ -491,6 +517,8 @@ def test_sharded_state_trains_as_the_replicated_step(tmp_path, example, dtype, b
             kept = rep["bytes"][s] - per * n_sh  # the replicated parameters' share
             shard = zero["bytes"][s] - kept
             assert per * n_sh / 2 <= shard <= per * (n_sh / 2 + 64), (s, shard, per * n_sh)
+        if example == "twice":
+            assert "w" in zero["sharded"]
         if example == "mlp":  # every parameter is sharded: the FP32 state halves
             assert n_sh == n_all
             ratio = (zero["bytes"]["master"] + zero["bytes"]["opt"]) / (
