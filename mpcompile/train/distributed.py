@@ -17,9 +17,9 @@ Sharded FP32 state (ZeRO stage 1, ``shard_optimizer_state=True``):
     plan_shards         compile time: the parameters the forward reads only as low-precision
                         working copies, per optimizer group, in flat buckets padded to a multiple
                         of the world size; rank r owns slice r of every bucket
-    reduce_scatter_gradients   traced: per bucket, the gradients flattened (a parameter used
-                        twice: one flat per use), divided by the world size, one functional
-                        reduce_scatter(sum): this rank's slice of the averaged gradient
+    reduce_scatter_gradients   traced: per bucket, the gradients flattened, divided by the
+                        world size, one functional reduce_scatter(sum): this rank's slice of
+                        the averaged gradient
     gather_working      traced: the new low-precision working copies of a group's shard,
                         all-gathered per bucket and split back into parameters
     gather_masters      eager, collective: the full FP32 masters (to_module, sync_model)
@@ -386,10 +386,12 @@ def reduce_scatter_gradients(dp: DataParallel, sp: ShardPlan,
     the replicated step's unscale sums a parameter's parts; a group's shard is its buckets'
     slices concatenated.
 
-    Each bucket is flattened once per (use, dtype) of its parameters' gradient parts (a
-    parameter read twice has two parts; where a parameter has no such part its segment is
-    zeros, which add exactly), divided by the world size and reduce-scattered: the same
-    arithmetic per element as :func:`average_gradients`, on 1/world_size of the elements."""
+    A parameter's gradient has one part per graph input it is bound to that receives a
+    gradient (its FP32 placeholder, its working copy); a sharded parameter is read only as its
+    working copy, so in practice it has one (autograd sums repeated uses). Each bucket is
+    flattened once per (part index, dtype) present (zeros where a parameter has no such part:
+    they add exactly), divided by the world size and reduce-scattered: the same arithmetic per
+    element as :func:`average_gradients`, on 1/world_size of the elements."""
     out: dict[int, list[list[torch.Tensor]]] = {}
     for b in sp.buckets:
         parts = {s.fqn: [t if dp.reduce_dtype is None else t.to(dp.reduce_dtype)
