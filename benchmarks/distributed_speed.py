@@ -61,10 +61,6 @@ def run(rank: int, world: int, store: str, args: argparse.Namespace, out: str,
         step = mpcompile.compile_train_step(
             model, nn.functional.cross_entropy, x, y, dtype=torch.bfloat16, optimizer=opt,
             backend=args.backend, shard_optimizer_state=shard)
-        state: dict[str, int] = {}
-        for name, t in zip(step.layout.names, step.state):
-            kind = str(step.layout.kind(name))
-            state[kind] = state.get(kind, 0) + t.numel() * t.element_size()
         t0 = time.perf_counter()
         step.step(x, y)  # compiles
         compile_s = time.perf_counter() - t0
@@ -81,8 +77,8 @@ def run(rank: int, world: int, store: str, args: argparse.Namespace, out: str,
         if rank == 0:
             Path(out).write_text(json.dumps({
                 "world": world, "median_s": statistics.median(times), "compile_s": compile_s,
-                "grad_elems": grad_elems, "execution": str(step.execution), "state": state,
-                "shard": shard, "floor": floor,
+                "grad_elems": grad_elems, "execution": str(step.execution),
+                "state": step.state_bytes(), "shard": shard, "floor": floor,
                 "data_parallel": str(step.data_parallel)}))
     finally:
         if world > 1:

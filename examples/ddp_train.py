@@ -63,7 +63,7 @@ def main() -> None:
         if a.resume:
             step.load(a.resume)  # every rank: its own file (its shard with --shard)
         if rank == 0:
-            state = sum(t.numel() * t.element_size() for t in step.state)
+            state = sum(step.state_bytes().values())
             print(f"rank 0: {step.data_parallel}, FP32 state "
                   f"{'sharded' if step.shards else 'replicated'}, {state} bytes of state here")
         for i in range(a.steps):

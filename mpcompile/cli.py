@@ -270,20 +270,26 @@ def inspect_target(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target_step(t, policy, prefix: str, lr: float, momentum: float = 0.0, **kw):
+    """TARGET's training step (SGD, eager); without a loss_fn the error says the model's output
+    was taken as the loss."""
+    opt = torch.optim.SGD(t.model.parameters(), lr=lr, momentum=momentum)
+    try:
+        return compile_train_step(t.model, t.loss_fn, t.inputs, t.targets, optimizer=opt,
+                                  policy=policy, backend="eager", **kw)
+    except TrainStepError as e:
+        if t.loss_fn is not None:
+            raise
+        raise TrainStepError(f"{prefix}TARGET {t.name!r} gave no loss_fn, so the model's output "
+                             f"is taken as the loss, and: {e}") from e
+
+
 def export_target(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
     t, policy = args.target_obj, _policy(args)
     if args.train:
-        opt = torch.optim.SGD(t.model.parameters(), lr=args.lr, momentum=0.9)
-        try:
-            obj = compile_train_step(t.model, t.loss_fn, t.inputs, t.targets, optimizer=opt,
-                                     policy=policy, backend="eager")
-        except TrainStepError as e:
-            if t.loss_fn is not None:
-                raise
-            raise TrainStepError(f"--train: TARGET {t.name!r} gave no loss_fn, so the model's "
-                                 f"output is taken as the loss, and: {e}") from e
+        obj = _target_step(t, policy, "--train: ", lr=args.lr, momentum=0.9)
         what = f"training step (SGD, momentum 0.9, lr {args.lr})"
     else:
         obj = convert(t.model, t.inputs, policy=policy)
@@ -313,15 +319,7 @@ def localize_target(args: argparse.Namespace) -> int:
     from .numerics import describe, localize_overflow
 
     t, policy = args.target_obj, _policy(args)
-    opt = torch.optim.SGD(t.model.parameters(), lr=args.lr)
-    try:
-        step = compile_train_step(t.model, t.loss_fn, t.inputs, t.targets, optimizer=opt,
-                                  policy=policy, loss_scale=args.scale, backend="eager")
-    except TrainStepError as e:
-        if t.loss_fn is not None:
-            raise
-        raise TrainStepError(f"TARGET {t.name!r} gave no loss_fn, so the model's output is "
-                             f"taken as the loss, and: {e}") from e
+    step = _target_step(t, policy, "", lr=args.lr, loss_scale=args.scale)
     found = localize_overflow(step, t.inputs, t.targets)
     print(f"{t.name}: one {dtype_name(policy.dtype)} training step on TARGET's example batch at "
           f"loss scale {args.scale:g}, re-run node by node (nothing is trained)")
@@ -454,6 +452,15 @@ def check_inspect_args(args: argparse.Namespace) -> str | None:
     return check_target_args(args)
 
 
+def _trainable(t, prefix: str = "") -> str | None:
+    """Why TARGET ``t`` cannot give a training loss (targets without a loss_fn), or None."""
+    if t.targets is not None and t.loss_fn is None:
+        return (f"{prefix}TARGET {t.name!r} returned example targets but no loss_fn; return "
+                "(model, inputs, targets, loss_fn), or no targets when the model returns its "
+                "loss")
+    return None
+
+
 def check_export_args(args: argparse.Namespace) -> str | None:
     problem = (_missing(("onnx", "onnxscript", "onnxruntime"), "onnx", "export")
                or _writable(args.output, "--output"))
@@ -461,11 +468,7 @@ def check_export_args(args: argparse.Namespace) -> str | None:
         return problem
     problem = check_target_args(args)
     if problem is None and args.train:
-        t = args.target_obj
-        if t.targets is not None and t.loss_fn is None:
-            return (f"--train: TARGET {t.name!r} returned example targets but no loss_fn; "
-                    "return (model, inputs, targets, loss_fn), or no targets when the model "
-                    "returns its loss")
+        return _trainable(args.target_obj, "--train: ")
     return problem
 
 
@@ -481,23 +484,13 @@ def check_profile_args(args: argparse.Namespace) -> str | None:
                    or _writable(args.png, "--png"))
         if problem:
             return problem
-    problem = check_target_args(args)
-    t = args.target_obj if problem is None else None
-    if t is not None and t.targets is not None and t.loss_fn is None:
-        return (f"TARGET {t.name!r} returned example targets but no loss_fn; return (model, "
-                "inputs, targets, loss_fn), or no targets when the model returns its loss")
-    return problem
+    return check_target_args(args) or _trainable(args.target_obj)
 
 
 def check_localize_args(args: argparse.Namespace) -> str | None:
     if not (math.isfinite(args.scale) and args.scale > 0):
         return f"--scale must be a positive finite loss scale, got {args.scale:g}"
-    problem = check_target_args(args)
-    t = args.target_obj if problem is None else None
-    if t is not None and t.targets is not None and t.loss_fn is None:
-        return (f"TARGET {t.name!r} returned example targets but no loss_fn; return (model, "
-                "inputs, targets, loss_fn), or no targets when the model returns its loss")
-    return problem
+    return check_target_args(args) or _trainable(args.target_obj)
 
 
 def check_reproduce_args(args: argparse.Namespace) -> str | None:

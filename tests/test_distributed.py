@@ -160,15 +160,6 @@ def _mismatched_step(rank: int, linger: float):
     return "stepped"
 
 
-def _state_bytes(step) -> dict[str, int]:
-    """Bytes of this rank's step state by kind (master, working, opt, ...)."""
-    out: dict[str, int] = {}
-    for name, t in zip(step.layout.names, step.state):
-        kind = str(step.layout.kind(name))
-        out[kind] = out.get(kind, 0) + t.numel() * t.element_size()
-    return out
-
-
 class _Twice(torch.nn.Module):
     """A weight read by three matmuls (as a tied embedding / LM head reads one weight twice):
     one working-copy input, whose gradient autograd accumulates over the three uses."""
@@ -235,7 +226,7 @@ def _zero(rank: int, example: str, dtype_name: str, backend: str, clip, opt: str
             "losses": losses, "skipped": skipped, "masters": step.masters(),
             "working": {k: v.clone() for k, v in step.state_dict().items()
                         if k.startswith("working.")},
-            "bytes": _state_bytes(step), "scale": step.value("scale").item(),
+            "bytes": step.state_bytes(), "scale": step.value("scale").item(),
             "sharded": list(step.shards.sharded) if step.shards else [],
             "padding": ([step.shards.padding(g) for g in step.shards.groups]
                         if step.shards else []),

@@ -26,6 +26,7 @@ wrong raises :class:`CheckpointError` naming the file and the fault, and the ste
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -413,15 +414,20 @@ def is_distributed(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def _agree(step: TrainStep, why: str | None, what: str) -> None:
-    """Raise the same CheckpointError on every rank when any rank failed (``why``: this rank's
-    fault, or None), naming each rank's fault."""
+def _agree(step: TrainStep, why: str | None, what: str, value: Any = None) -> list[Any]:
+    """Every rank's ``value``, in rank order; or the same CheckpointError on every rank when any
+    rank failed (``why``: this rank's fault, or None), naming each rank's fault."""
     dp = step.data_parallel
-    outcomes = [why] if dp is None else distributed.gather_objects(dp, why)
-    failed = [(r, w) for r, w in enumerate(outcomes) if w is not None]
+    gathered = [(why, value)] if dp is None else distributed.gather_objects(dp, (why, value))
+    failed = [(r, w) for r, (w, _) in enumerate(gathered) if w is not None]
     if failed:
         raise CheckpointError(f"{what}: " + "; ".join(
             (f"rank {r}: {w}" if dp is not None else w) for r, w in failed))
+    return [v for _, v in gathered]
+
+
+def _fault(e: Exception) -> str:
+    return str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
 
 
 def save_distributed(step: TrainStep, folder: str | os.PathLike) -> Path:
@@ -441,24 +447,23 @@ def save_distributed(step: TrainStep, folder: str | os.PathLike) -> Path:
         path = save(step, folder / rank_file(dp.rank, save_id))
         digest = header_digest(path)
     except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below
-        why = f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)
-    gathered = distributed.gather_objects(dp, (why, digest))
-    failed = [(r, w) for r, (w, _) in enumerate(gathered) if w is not None]
-    if failed:
+        why = _fault(e)
+    try:
+        digests = _agree(step, why, f"checkpoint {str(folder)!r} not saved; the previous "
+                         "checkpoint there, if any, is unchanged", digest)
+    except CheckpointError:
         _remove(folder / rank_file(dp.rank, save_id))
-        raise CheckpointError(f"checkpoint {str(folder)!r} not saved; the previous checkpoint "
-                              "there, if any, is unchanged: " +
-                              "; ".join(f"rank {r}: {w}" for r, w in failed))
+        raise
     why = None
     if dp.rank == 0:
         manifest = {"format": DP_FORMAT, "version": VERSION, "world_size": dp.world_size,
                     "sharded": step.shards is not None, "backend": dp.backend,
                     "files": [rank_file(r, save_id) for r in range(dp.world_size)],
-                    "sha256": [d for _, d in gathered], "step": int(step.value("step"))}
+                    "sha256": digests, "step": int(step.value("step"))}
         try:
             _write_atomic(folder / MANIFEST, (json.dumps(manifest, indent=1).encode(),))
         except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below
-            why = str(e)
+            why = _fault(e)
     # (on a failure here the new files stay: the manifest may be in place already)
     _agree(step, why, f"checkpoint {str(folder)!r}: rank 0 could not write its manifest; the "
            "folder holds the previous checkpoint unless the error says it was replaced")
@@ -471,10 +476,8 @@ def save_distributed(step: TrainStep, folder: str | os.PathLike) -> Path:
 
 
 def _remove(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         path.unlink()
-    except OSError:
-        pass
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -541,6 +544,6 @@ def load_distributed(step: TrainStep, path: str | os.PathLike) -> None:
         else:
             apply = prepare(step, path)
     except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below
-        why = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
+        why = _fault(e)
     _agree(step, why, "checkpoint not loaded, no rank changed")
     apply()

@@ -34,6 +34,7 @@ concatenated batch, and the averaged gradient is its gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -251,10 +252,7 @@ class Segment:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -334,33 +332,23 @@ def plan_shards(dp: DataParallel, group_of: Mapping[str, int],
     n_groups = max(group_of.values(), default=-1) + 1
     for g in range(n_groups):
         fqns = [f for f, gi in group_of.items() if gi == g and f in wanted]
-        for idx in plan_buckets([(_numel(shapes[f]), grad_dtype) for f in fqns],
+        for idx in plan_buckets([(math.prod(shapes[f]), grad_dtype) for f in fqns],
                                 max(dp.cap_bytes, elt)):
             segs, off = [], 0
             for i in idx:
                 segs.append(Segment(fqns[i], off, tuple(shapes[fqns[i]])))
-                off += _numel(shapes[fqns[i]])
+                off += math.prod(shapes[fqns[i]])
             padded = -(-off // dp.world_size) * dp.world_size
             buckets.append(Bucket(g, tuple(segs), padded))
     return ShardPlan(dp.world_size, dp.rank, tuple(buckets))
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _flatten(bucket: Bucket, tensors: Mapping[str, torch.Tensor | None],
+def _flatten(bucket: Bucket, tensors: Mapping[str, torch.Tensor],
              dtype: torch.dtype) -> torch.Tensor:
-    """The bucket's flat buffer in ``dtype``: each segment's tensor (zeros where None), then
-    zero padding."""
-    like = next(t for t in tensors.values() if t is not None)
-    pieces = [tensors[s.fqn].reshape(-1).to(dtype) if tensors[s.fqn] is not None
-              else like.new_zeros(s.numel, dtype=dtype) for s in bucket.segments]
+    """The bucket's flat buffer in ``dtype``: each segment's tensor, then zero padding."""
+    pieces = [tensors[s.fqn].reshape(-1).to(dtype) for s in bucket.segments]
     if bucket.padded > bucket.numel:
-        pieces.append(like.new_zeros(bucket.padded - bucket.numel, dtype=dtype))
+        pieces.append(pieces[0].new_zeros(bucket.padded - bucket.numel))
     return torch.cat(pieces)
 
 
@@ -380,37 +368,34 @@ def _all_gather(t: torch.Tensor, dp: DataParallel) -> torch.Tensor:
 
 def reduce_scatter_gradients(dp: DataParallel, sp: ShardPlan,
                              grads: Mapping[str, Sequence[torch.Tensor]]
-                             ) -> dict[int, list[list[torch.Tensor]]]:
-    """Per optimizer group, per bucket, this rank's slice of the averaged gradient as parts (in
-    ``reduce_dtype`` or the gradients' own dtype), to be widened to FP32 and summed in order as
-    the replicated step's unscale sums a parameter's parts; a group's shard is its buckets'
-    slices concatenated.
+                             ) -> dict[int, torch.Tensor]:
+    """Per optimizer group, this rank's shard of the averaged gradient (in ``reduce_dtype`` or
+    the gradients' own dtype): each bucket flattened, divided by the world size and
+    reduce-scattered -- the same arithmetic per element as :func:`average_gradients`, on
+    1/world_size of the elements -- and the group's slices concatenated.
 
-    A parameter's gradient has one part per graph input it is bound to that receives a
-    gradient (its FP32 placeholder, its working copy); a sharded parameter is read only as its
-    working copy, so in practice it has one (autograd sums repeated uses). Each bucket is
-    flattened once per (part index, dtype) present (zeros where a parameter has no such part:
-    they add exactly), divided by the world size and reduce-scattered: the same arithmetic per
-    element as :func:`average_gradients`, on 1/world_size of the elements."""
-    out: dict[int, list[list[torch.Tensor]]] = {}
+    A sharded parameter is read only as its working copy, so its gradient is one tensor
+    (autograd sums repeated uses), in the low precision."""
+    out: dict[int, list[torch.Tensor]] = {}
     for b in sp.buckets:
-        parts = {s.fqn: [t if dp.reduce_dtype is None else t.to(dp.reduce_dtype)
-                         for t in grads.get(s.fqn, ())] for s in b.segments}
-        missing = [f for f, ts in parts.items() if not ts]
+        missing = [s.fqn for s in b.segments if not grads.get(s.fqn)]
         if missing:
             raise TrainStepError(
                 f"shard_optimizer_state=True: no gradient reaches parameter(s) {missing}; "
                 "freeze them (requires_grad=False) before compiling, or use the replicated "
                 "step (shard_optimizer_state=False), which skips them as torch.optim does")
-        keys = sorted({(k, t.dtype) for ts in parts.values() for k, t in enumerate(ts)},
-                      key=lambda kd: (kd[0], str(kd[1])))
-        sliced = []
-        for k, dtype in keys:
-            flat = _flatten(b, {f: (ts[k] if k < len(ts) and ts[k].dtype == dtype else None)
-                                for f, ts in parts.items()}, dtype)
-            sliced.append(_reduce_scatter(flat / dp.world_size, dp))
-        out.setdefault(b.group, []).append(sliced)
-    return out
+        (first,) = grads[b.segments[0].fqn]
+        dtype = dp.reduce_dtype or first.dtype
+        flat = _flatten(b, {s.fqn: _one(grads[s.fqn], s.fqn) for s in b.segments}, dtype)
+        out.setdefault(b.group, []).append(_reduce_scatter(flat / dp.world_size, dp))
+    return {g: torch.cat(slices) for g, slices in out.items()}
+
+
+def _one(parts: Sequence[torch.Tensor], fqn: str) -> torch.Tensor:
+    if len(parts) != 1:  # _only_working picks parameters with one input: a bug if not
+        raise TrainStepError(f"sharded parameter {fqn} has {len(parts)} gradient inputs; "
+                             "a sharded parameter is read only as its working copy")
+    return parts[0]
 
 
 def gather_working(dp: DataParallel, sp: ShardPlan, group: int, shard: torch.Tensor

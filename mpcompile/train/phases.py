@@ -70,12 +70,12 @@ def clip_by(grads: dict[str, torch.Tensor], shards: Sequence[torch.Tensor], max_
     return {k: g * coef for k, g in grads.items()}, [s * coef for s in shards], norm
 
 
-def grad_counts(groups: Sequence[Sequence[torch.Tensor]], padding: Sequence[int],
+def grad_counts(groups: Sequence[Sequence[torch.Tensor]], extra_zeros: Sequence[int],
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(zero elements, non-finite elements) of the unscaled gradients per parameter group, int64
-    vectors; ``padding[g]`` is subtracted from group g's zeros (a shard's padding, which is not
-    a gradient; negative: elements to count as zeros, e.g. a parameter no gradient reaches).
-    On the device: nothing is read here."""
+    vectors; ``extra_zeros[g]`` is added to group g's zeros (elements of parameters no gradient
+    reaches; negative: a shard's padding, zeros that are not gradients). On the device:
+    nothing is read here."""
     zeros, bad = [], []
     for g, ts in enumerate(groups):
         z = torch.zeros((), dtype=torch.int64, device=device)
@@ -83,7 +83,7 @@ def grad_counts(groups: Sequence[Sequence[torch.Tensor]], padding: Sequence[int]
         for t in ts:
             z = z + (t == 0).sum()
             n = n + (~torch.isfinite(t)).sum()
-        zeros.append(z - padding[g])
+        zeros.append(z + extra_zeros[g])
         bad.append(n)
     return torch.stack(zeros), torch.stack(bad)
 

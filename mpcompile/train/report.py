@@ -99,11 +99,9 @@ def build_train_report(step, forward_report) -> TrainReport:
             ins = {dtype_name(val_dtype(a)) for a in n.args if isinstance(a, fx.Node)
                    and val_dtype(a) is not None and val_dtype(a).is_floating_point}
             bwd[str(n.target)]["/".join(sorted(ins))] += 1
-    kinds: Counter = Counter()
     fp32 = low = 0
-    for name, t in zip(step.layout.names, step.state):
+    for t in step.state:
         nbytes = t.numel() * t.element_size()
-        kinds[str(step.layout.kind(name))] += nbytes
         if t.dtype == step.dtype and t.dtype is not F32:
             low += nbytes
         elif t.dtype is F32:
@@ -116,7 +114,7 @@ def build_train_report(step, forward_report) -> TrainReport:
         nodes_by_phase={k: by_phase[k] for k in order if by_phase[k]},
         ops_by_phase={k: dict(v) for k, v in ops.items()},
         updates_per_param=dict(per_param), casts=dict(casts), fp32_state_bytes=fp32,
-        low_state_bytes=low, state_bytes_by_kind=dict(kinds),
+        low_state_bytes=low, state_bytes_by_kind=step.state_bytes(),
         backward_precision={k: dict(v) for k, v in bwd.items()},
         execution=str(step.execution) + (f"; {step.data_parallel}" if step.data_parallel
                                          else ""),

@@ -140,7 +140,6 @@ class TrainStep:
         self._recent_skips: list[torch.Tensor] = []
         self._skip_run = 0  # skipped steps in a row up to the last window read
         self._scale_in: torch.Tensor | None = None  # the scale the last step ran at
-        self._last_scale: float | None = None
 
     # -- what was compiled ---------------------------------------------------------------------
 
@@ -281,7 +280,6 @@ class TrainStep:
             longest = max(longest, self._skip_run)
         self._recent_skips.clear()
         if longest >= k:
-            self._last_scale = float(self._scale_in) if self._scale_in is not None else None
             warnings.warn(
                 f"{longest} training steps in a row were skipped (non-finite "
                 f"gradients); the loss scale is now {result.loss_scale.item():g}. If it sits at "
@@ -300,13 +298,15 @@ class TrainStep:
                     "mpcompile.localize_overflow(step, batch) with the overflowing rank's batch.")
         from ..numerics import describe, localize_overflow
 
+        # _scale_in is set on every step while warn_after_skips is on (the only caller's case)
+        scale = float(self._scale_in)
         try:
-            found = localize_overflow(self, inputs, targets, loss_scale=self._last_scale)
+            found = localize_overflow(self, inputs, targets, loss_scale=scale)
         except Exception as e:  # noqa: BLE001 - the warning must not fail the step
             return f" (Localising the overflow failed: {type(e).__name__}: {e}.)"
         if found is None:
             return (" Re-running the last batch at the scale it ran at "
-                    f"({self._last_scale}) gave no inf/NaN.")
+                    f"({scale:g}) gave no inf/NaN.")
         return " Last batch: " + describe(found)
 
     # -- state -----------------------------------------------------------------------------
@@ -400,6 +400,15 @@ class TrainStep:
             checkpoint.load_distributed(self, path)
         else:
             checkpoint.load(self, path)
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of this process's state by kind (``master``, ``working``, ``opt``, ``buffer``,
+        ...); with sharded FP32 state, this rank's slices."""
+        out: dict[str, int] = {}
+        for name, t in zip(self.layout.names, self._state):
+            kind = str(self.layout.kind(name))
+            out[kind] = out.get(kind, 0) + t.numel() * t.element_size()
+        return out
 
     def value(self, name: str) -> torch.Tensor:
         """One state tensor by name (``layout.names``)."""

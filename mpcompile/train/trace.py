@@ -227,9 +227,9 @@ def _unscale(spec: StepSpec, st: dict, grads: dict, shard_parts: dict):
                 continue  # no gradient reaches it: frozen, as torch.optim skips it
             with phase("unscale", subject=fqn):
                 g32[fqn] = phases.unscale(parts, inv)
-        for g, per_bucket in shard_parts.items():
+        for g, shard in shard_parts.items():
             with phase("unscale", subject=f"param group {g}: this rank's shard"):
-                gs[g] = torch.cat([phases.unscale(parts, inv) for parts in per_bucket])
+                gs[g] = phases.unscale([shard], inv)
     with phase("found_inf"):
         found = phases.found_inf([*g32.values(), *gs.values()], st["scale"].device)
     counts = _counts(spec, g32, gs, st) if spec.grad_stats else None
@@ -261,11 +261,11 @@ def _counts(spec: StepSpec, g32: dict, gs: dict, st: dict):
             unreached[gi] += st[name if name in st else key(StateKind.WORKING, fqn)].numel()
     with phase("grad_stats", subject="zero and non-finite gradient elements per param group"):
         whole = [[g for f, g in g32.items() if spec.plan.group_of[f] == gi] for gi in range(n)]
-        counts = phases.grad_counts(whole, [-u for u in unreached], device)
+        counts = phases.grad_counts(whole, unreached, device)
         if gs:
             sp = spec.shards
             shard = phases.grad_counts([[gs[gi]] if gi in gs else [] for gi in range(n)],
-                                       [sp.padding(gi) if gi in gs else 0 for gi in range(n)],
+                                       [-sp.padding(gi) if gi in gs else 0 for gi in range(n)],
                                        device)
             summed = distributed.all_reduce_sum(spec.data_parallel, torch.stack(shard))
             counts = (counts[0] + summed[0], counts[1] + summed[1])
